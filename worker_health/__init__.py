@@ -1,0 +1,3 @@
+"""Celery worker health for Django: registry, heartbeats, failure detection, reclamation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,369 @@
+"""The heartbeat: registration, a thread in the worker's main process, and its bootstep.
+
+The heart runs on a thread of its own with its own database connection, so it keeps beating
+while every pool slot runs a long task (prefork, threads and solo alike), while the broker is
+unreachable, and while Celery's event loop is blocked. It never touches the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import celery
+from celery import bootsteps
+from django.db import DatabaseError, InterfaceError, close_old_connections, connections
+from django.db.models.functions import Now
+
+from .conf import settings
+
+if TYPE_CHECKING:
+    from celery.worker import WorkController
+
+logger = logging.getLogger("worker_health")
+
+
+@dataclass
+class WorkerIdentity:
+    """Who this worker is, for this start of its process."""
+
+    worker_id: str
+    incarnation: uuid.UUID
+    metadata: dict[str, Any]
+    pk: int | None = None
+    heart: Heart | None = field(default=None, repr=False)
+
+
+#: identities of the workers running in this process, by node name (one, except in tests
+#: that start several in-thread workers). Prefork children inherit it through fork.
+_identities: dict[str, WorkerIdentity] = {}
+
+
+def identity_for(hostname: str | None) -> WorkerIdentity | None:
+    if hostname and hostname in _identities:
+        return _identities[hostname]
+    if len(_identities) == 1:
+        return next(iter(_identities.values()))
+    return None
+
+
+def worker_metadata(worker: WorkController, incarnation: uuid.UUID) -> dict[str, Any]:
+    pool = getattr(worker, "pool_cls", None)
+    pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", repr(pool))
+    queues = []
+    try:
+        queues = sorted(q.name for q in worker.app.amqp.queues.consume_from.values())
+    except Exception:  # pragma: no cover - queues are informational
+        queues = []
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pool": str(pool_name).rsplit(".", 1)[-1],
+        "concurrency": getattr(worker, "concurrency", None),
+        "queues": queues,
+        "celery_version": celery.__version__,
+        "python_version": platform.python_version(),
+        "incarnation": str(incarnation),
+        "argv": sys.argv[:8],
+    }
+
+
+def tasks_processed() -> int:
+    """Tasks this process's worker finished, from Celery's own in-memory counters."""
+    from celery.worker import state
+
+    return max(0, state.all_total_count[0] - len(state.active_requests))
+
+
+def measure_clock_skew() -> float | None:
+    """This host's clock minus the database's, in seconds (informational)."""
+    from django.db import connection
+
+    sql = (
+        "SELECT STRFTIME('%Y-%m-%d %H:%M:%f', 'now')"
+        if connection.vendor == "sqlite"
+        else "SELECT CURRENT_TIMESTAMP"
+    )
+    before = time.time()
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    after = time.time()
+    if not row or row[0] is None:
+        return None
+    db_time = row[0]
+    if isinstance(db_time, str):
+        db_time = datetime.fromisoformat(db_time)
+    if db_time.tzinfo is None:
+        db_time = db_time.replace(tzinfo=timezone.utc)
+    return round((before + after) / 2 - db_time.timestamp(), 3)
+
+
+def register(identity: WorkerIdentity) -> None:
+    """Write the worker's row; reclaim what a previous incarnation of this name held."""
+    from . import reclaim
+    from .models import EventKind, WorkerRegistry, event
+    from .signals import worker_registered
+
+    skew = measure_clock_skew()
+    registration = WorkerRegistry.objects.register(
+        identity.worker_id,
+        incarnation=identity.incarnation,
+        metadata=identity.metadata,
+        clock_skew=skew,
+    )
+    identity.pk = registration.worker.pk
+    restarted = registration.previous_incarnation is not None
+    event(
+        EventKind.WORKER_RESTARTED if restarted else EventKind.WORKER_REGISTERED,
+        worker=registration.worker,
+        incarnation=str(identity.incarnation),
+        previous_incarnation=str(registration.previous_incarnation or ""),
+        previous_status=registration.previous_status or "",
+        clock_skew=skew,
+    )
+    logger.info(
+        "worker_registered",
+        extra={"worker_id": identity.worker_id, "incarnation": str(identity.incarnation)},
+    )
+    worker_registered.send_robust(
+        sender=WorkerRegistry, worker=registration.worker, restarted=restarted
+    )
+    if restarted:
+        # Fast path: the previous start of this node name is gone for sure.
+        reclaim.reclaim_tasks_of(registration.worker, reason="restarted")
+
+
+class Heart:
+    """Writes a heartbeat every ``HEARTBEAT_INTERVAL`` and takes part in detection."""
+
+    def __init__(self, identity: WorkerIdentity) -> None:
+        self.identity = identity
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._outage_started: float | None = None
+        self._last_sweep_try = 0.0
+        self.registered = identity.pk is not None
+        self.beats = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(
+            target=self._run, name=f"worker-health-heart[{self.identity.worker_id}]", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        delay = 0.0
+        retry = 0.2
+        try:
+            while not self._stop.wait(delay):
+                if self.beat_once():
+                    retry = 0.2
+                    delay = settings.HEARTBEAT_INTERVAL
+                    self._maybe_sweep()
+                else:
+                    delay = min(retry, settings.HEARTBEAT_RETRY_MAX)
+                    retry *= 2
+        finally:
+            connections.close_all()
+
+    def beat_once(self) -> bool:
+        """One heartbeat. Never raises: a database error returns False (retried)."""
+        try:
+            close_old_connections()
+            if not self.registered:
+                register(self.identity)
+                self.registered = True
+            else:
+                self._write_heartbeat()
+        except (DatabaseError, InterfaceError) as exc:
+            self._on_db_error(exc)
+            return False
+        except Exception:
+            logger.exception(
+                "worker_health heartbeat failed", extra={"worker_id": self.identity.worker_id}
+            )
+            return False
+        self.beats += 1
+        if self._outage_started is not None:
+            logger.warning(
+                "worker_health: database reachable again after %.1f s; heartbeats resumed",
+                time.monotonic() - self._outage_started,
+                extra={"worker_id": self.identity.worker_id},
+            )
+            self._outage_started = None
+        return True
+
+    def _write_heartbeat(self) -> None:
+        from .models import EventKind, WorkerRegistry, event
+        from .signals import worker_recovered
+
+        ident = self.identity
+        processed = tasks_processed()
+        if WorkerRegistry.objects.beat(ident.worker_id, ident.incarnation, processed):
+            return
+        row = (
+            WorkerRegistry.objects.filter(worker_id=ident.worker_id)
+            .values("incarnation", "status")
+            .first()
+        )
+        if row is None:  # deleted by an operator: register again
+            register(ident)
+            return
+        if row["incarnation"] != ident.incarnation:
+            # Our node name was taken by a newer start of the worker: we are the old one.
+            logger.error(
+                "worker_health: node name %s is registered by another incarnation (%s); this "
+                "process (%s) keeps running but its claims were handed over",
+                ident.worker_id,
+                row["incarnation"],
+                ident.incarnation,
+                extra={"worker_id": ident.worker_id},
+            )
+            return
+        if WorkerRegistry.objects.recover(ident.worker_id, ident.incarnation, processed):
+            worker = WorkerRegistry.objects.get(worker_id=ident.worker_id)
+            event(EventKind.WORKER_RECOVERED, worker=worker, previous_status=row["status"])
+            logger.warning(
+                "worker_recovered: %s heartbeats again after it was marked %s; the tasks it "
+                "held were reclaimed and its late results are fenced off",
+                ident.worker_id,
+                row["status"],
+                extra={"worker_id": ident.worker_id, "previous_status": row["status"]},
+            )
+            worker_recovered.send_robust(sender=WorkerRegistry, worker=worker)
+
+    def _on_db_error(self, exc: BaseException) -> None:
+        close_old_connections()
+        for conn in connections.all(initialized_only=True):
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - the connection is broken anyway
+                pass
+        if self._outage_started is None:
+            self._outage_started = time.monotonic()
+            logger.warning(
+                "worker_health: cannot write heartbeat (%s); retrying with back-off until the "
+                "database answers",
+                exc,
+                extra={"worker_id": self.identity.worker_id},
+            )
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep_try < settings.CHECK_INTERVAL * 0.5:
+            return
+        self._last_sweep_try = now
+        from . import reclaim
+
+        try:
+            reclaim.sweep(who=self.identity.worker_id)
+        except (DatabaseError, InterfaceError) as exc:
+            self._on_db_error(exc)
+        except Exception:
+            logger.exception("worker_health: detector sweep failed")
+
+
+# --------------------------------------------------------------------------------------------
+# wiring into the worker
+
+
+def on_worker_init(sender: WorkController, **_: Any) -> None:
+    """``worker_init``: identify the worker and add the heartbeat bootstep."""
+    incarnation = uuid.uuid4()
+    identity = WorkerIdentity(
+        worker_id=sender.hostname,
+        incarnation=incarnation,
+        metadata=worker_metadata(sender, incarnation),
+    )
+    _identities[sender.hostname] = identity
+    identity.heart = Heart(identity)
+    sender.app.steps["worker"].add(HeartbeatStep)
+    # Register now so the row exists before the first task; if the database is down the
+    # heart registers as soon as it answers.
+    try:
+        register(identity)
+        identity.heart.registered = True
+    except Exception as exc:
+        logger.warning(
+            "worker_health: could not register %s yet (%s); will retry", sender.hostname, exc
+        )
+    finally:
+        # Prefork children must not inherit this connection.
+        connections.close_all()
+
+
+def on_worker_shutdown(sender: WorkController, **_: Any) -> None:
+    """``worker_shutdown`` (warm): running tasks are done; hand back the rest, go offline."""
+    identity = _identities.get(getattr(sender, "hostname", ""))
+    if identity is not None:
+        stop_worker(identity, cold=False)
+
+
+def stop_worker(identity: WorkerIdentity, *, cold: bool) -> None:
+    from . import reclaim
+    from .models import EventKind, WorkerRegistry, event
+    from .signals import worker_offline
+
+    if identity.heart is not None:
+        identity.heart.stop()
+    try:
+        close_old_connections()
+        reclaim.hand_back(identity, include_running=cold)
+        if WorkerRegistry.objects.mark_offline(identity.worker_id, identity.incarnation):
+            worker = WorkerRegistry.objects.get(worker_id=identity.worker_id)
+            event(EventKind.WORKER_OFFLINE, worker=worker, cold=cold)
+            logger.info("worker_offline", extra={"worker_id": identity.worker_id})
+            worker_offline.send_robust(sender=WorkerRegistry, worker=worker)
+    except Exception:
+        logger.exception("worker_health: could not mark %s offline", identity.worker_id)
+    finally:
+        _identities.pop(identity.worker_id, None)
+        close_old_connections()
+
+
+class HeartbeatStep(bootsteps.StartStopStep):
+    """Starts the heart once the pool is up; a cold shutdown stops it."""
+
+    label = "worker-health heartbeat"
+    requires = ("celery.worker.components:Pool",)
+
+    def create(self, w: WorkController) -> HeartbeatStep:
+        self._identity = _identities.get(w.hostname)
+        return self
+
+    # StartStopStep calls these on ``self.obj``, which ``create`` made ``self``.
+    def start(self, parent: Any = None) -> None:  # type: ignore[override]
+        if self._identity is not None and self._identity.heart is not None:
+            self._identity.heart.start()
+
+    def stop(self, parent: Any = None) -> None:  # type: ignore[override]
+        # Warm shutdown: keep beating while the pool drains; ``worker_shutdown`` ends it.
+        pass
+
+    def terminate(self, parent: Any = None) -> None:  # type: ignore[override]
+        if self._identity is not None and self._identity.worker_id in _identities:
+            stop_worker(self._identity, cold=True)

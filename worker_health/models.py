@@ -1,0 +1,238 @@
+"""The package's tables: workers, tracked tasks, the event log and the detector's state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
+
+from .querysets import DetectorStateManager, EventQuerySet, TaskQuerySet, WorkerQuerySet
+
+
+class WorkerStatus(models.TextChoices):
+    ACTIVE = "active", _("active")
+    OFFLINE = "offline", _("offline")
+    FAILED = "failed", _("failed")
+
+
+class TaskStatus(models.TextChoices):
+    QUEUED = "queued", _("queued")
+    #: received by a worker (prefetched, or waiting for its ETA), not started yet
+    RESERVED = "reserved", _("reserved")
+    #: running on the worker named by ``claimed_by``
+    CLAIMED = "claimed", _("claimed")
+    #: taken from a dead worker; the re-publish is in flight (an outbox state)
+    RECLAIMING = "reclaiming", _("reclaiming")
+    SUCCEEDED = "succeeded", _("succeeded")
+    FAILED = "failed", _("failed")
+    REVOKED = "revoked", _("revoked")
+    QUARANTINED = "quarantined", _("quarantined")
+
+
+#: statuses in which a worker holds the task
+HELD_STATUSES = (TaskStatus.RESERVED, TaskStatus.CLAIMED)
+#: statuses from which a delivery may start the task
+CLAIMABLE_STATUSES = (TaskStatus.QUEUED, TaskStatus.RESERVED, TaskStatus.RECLAIMING)
+FINISHED_STATUSES = (
+    TaskStatus.SUCCEEDED,
+    TaskStatus.FAILED,
+    TaskStatus.REVOKED,
+    TaskStatus.QUARANTINED,
+)
+
+
+class WorkerRegistry(models.Model):
+    """One row per Celery worker node name."""
+
+    worker_id = models.CharField(_("worker"), max_length=255, unique=True)
+    status = models.CharField(
+        max_length=16, choices=WorkerStatus.choices, default=WorkerStatus.ACTIVE
+    )
+    #: unique to one start of the worker process: a restart under the same node name
+    #: gets a new one, so the previous incarnation's claims can be told apart.
+    incarnation = models.UUIDField()
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    tasks_processed = models.PositiveBigIntegerField(default=0)
+    started_at = models.DateTimeField()
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+    #: worker clock minus database clock, in seconds, measured at registration
+    clock_skew = models.FloatField(null=True, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+
+    objects = WorkerQuerySet.as_manager()
+
+    class Meta:
+        db_table = "worker_registry"
+        verbose_name = _("worker")
+        verbose_name_plural = _("workers")
+        ordering = ("worker_id",)
+        indexes = [
+            # the detector's query: active workers by heartbeat age
+            models.Index(
+                fields=["last_heartbeat"],
+                name="wh_worker_active_hb_idx",
+                condition=Q(status="active"),
+            ),
+            models.Index(fields=["status", "status_changed_at"], name="wh_worker_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.worker_id
+
+
+class TaskQueue(models.Model):
+    """One row per tracked task, with what is needed to publish its message again."""
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255, db_index=True)
+    status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
+    queue = models.CharField(max_length=255, blank=True, default="")
+    claimed_by = models.ForeignKey(
+        WorkerRegistry,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="claims",
+        db_index=False,  # covered by the partial index below
+    )
+    #: incarnation of ``claimed_by`` that holds the task
+    claimed_incarnation = models.UUIDField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    #: increases with every claim; completions are accepted only with the current token
+    fencing_token = models.PositiveIntegerField(default=0)
+    reclaim_count = models.PositiveIntegerField(default=0)
+    #: the sweep that moved the task to ``reclaiming`` and owns its re-publish
+    reclaim_lease = models.UUIDField(null=True, blank=True)
+    reclaimed_at = models.DateTimeField(null=True, blank=True)
+    #: workers that died holding this task, oldest first (for the quarantine message)
+    lost_on = models.JSONField(default=list, blank=True)
+
+    # The message as it was delivered, so it can be published again byte for byte.
+    exchange = models.CharField(max_length=255, blank=True, default="")
+    routing_key = models.CharField(max_length=255, blank=True, default="")
+    body = models.BinaryField(null=True, blank=True)
+    content_type = models.CharField(max_length=128, blank=True, default="")
+    content_encoding = models.CharField(max_length=64, blank=True, default="")
+    headers = models.JSONField(null=True, blank=True)
+    properties = models.JSONField(null=True, blank=True)
+    eta = models.DateTimeField(null=True, blank=True)
+    expires = models.DateTimeField(null=True, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = TaskQuerySet.as_manager()
+
+    class Meta:
+        db_table = "task_queue"
+        verbose_name = _("tracked task")
+        verbose_name_plural = _("tracked tasks")
+        indexes = [
+            # reclamation: the tasks a given worker holds
+            models.Index(
+                fields=["claimed_by", "status"],
+                name="wh_task_held_idx",
+                condition=Q(status__in=["reserved", "claimed"]),
+            ),
+            # the outbox: re-publishes that did not complete
+            models.Index(
+                fields=["reclaimed_at"],
+                name="wh_task_reclaiming_idx",
+                condition=Q(status="reclaiming"),
+            ),
+            # retention: finished rows by age
+            models.Index(fields=["status", "finished_at"], name="wh_task_finished_idx"),
+            models.Index(fields=["status", "updated_at"], name="wh_task_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}]"
+
+    @property
+    def is_held(self) -> bool:
+        return self.status in HELD_STATUSES
+
+
+class EventKind(models.TextChoices):
+    WORKER_REGISTERED = "worker_registered", _("worker registered")
+    WORKER_FAILED = "worker_failed", _("worker failed")
+    WORKER_RECOVERED = "worker_recovered", _("worker recovered")
+    WORKER_OFFLINE = "worker_offline", _("worker offline")
+    WORKER_RESTARTED = "worker_restarted", _("worker restarted under the same name")
+    TASK_RECLAIMED = "task_reclaimed", _("task reclaimed")
+    TASK_QUARANTINED = "task_quarantined", _("task quarantined")
+    TASK_REQUEUED = "task_requeued", _("quarantined task requeued")
+    STALE_COMPLETION = "stale_completion", _("stale completion fenced")
+    DUPLICATE_DELIVERY = "duplicate_delivery", _("duplicate delivery skipped")
+    ALERT_SENT = "alert_sent", _("alert sent")
+
+
+class WorkerEvent(models.Model):
+    """Audit log of everything the package decides."""
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    kind = models.CharField(max_length=32, choices=EventKind.choices)
+    worker = models.ForeignKey(
+        WorkerRegistry, null=True, blank=True, on_delete=models.SET_NULL, related_name="events"
+    )
+    worker_name = models.CharField(max_length=255, blank=True, default="")
+    task_id = models.CharField(max_length=255, blank=True, default="")
+    details = models.JSONField(default=dict, blank=True)
+
+    objects = EventQuerySet.as_manager()
+
+    class Meta:
+        db_table = "worker_health_event"
+        verbose_name = _("event")
+        verbose_name_plural = _("events")
+        ordering = ("-created_at", "-id")
+        indexes = [
+            models.Index(fields=["kind", "created_at"], name="wh_event_kind_idx"),
+            models.Index(fields=["worker_name", "created_at"], name="wh_event_worker_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.worker_name} {self.task_id}".strip()
+
+
+class DetectorState(models.Model):
+    """The single row shared by every detector: a lease on sweeps and the outage guard."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    last_sweep_at = models.DateTimeField(null=True, blank=True)
+    #: start of the current run of sweeps with no gap longer than ``OUTAGE_GAP``
+    observing_since = models.DateTimeField(null=True, blank=True)
+    last_sweep_by = models.CharField(max_length=255, blank=True, default="")
+    last_sweep_duration = models.FloatField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+
+    objects = DetectorStateManager()
+
+    class Meta:
+        db_table = "worker_health_detector"
+        verbose_name = _("detector state")
+
+    def __str__(self) -> str:
+        return "detector state"
+
+
+def event(
+    kind: str,
+    *,
+    worker: WorkerRegistry | None = None,
+    worker_name: str = "",
+    task_id: str = "",
+    using: str | None = None,
+    **details: Any,
+) -> WorkerEvent:
+    """Record an event in the audit log."""
+    return WorkerEvent.objects.using(using).create(
+        kind=kind,
+        worker=worker,
+        worker_name=worker_name or (worker.worker_id if worker else ""),
+        task_id=task_id,
+        details=details,
+    )

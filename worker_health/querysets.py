@@ -1,0 +1,414 @@
+"""State transitions, one place each, as QuerySet methods used as managers.
+
+Every comparison with "now" uses the database server's clock (``Now()``), never a host's.
+Every transition that two processes could race on is a conditional UPDATE whose row count
+says who won.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.db import IntegrityError, models, transaction
+from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
+from django.db.models.functions import Now
+
+if TYPE_CHECKING:
+    from .models import DetectorState, TaskQueue, WorkerEvent, WorkerRegistry
+
+
+def db_now_minus(seconds: float) -> models.Expression:
+    """``Now() - seconds`` evaluated by the database."""
+    return models.ExpressionWrapper(
+        Now() - Value(timedelta(seconds=seconds), output_field=models.DurationField()),
+        output_field=models.DateTimeField(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# workers
+
+
+@dataclass(frozen=True)
+class Registration:
+    worker: WorkerRegistry
+    #: the incarnation this registration replaced, if the node name was seen before
+    previous_incarnation: uuid.UUID | None
+    previous_status: str | None
+
+
+class WorkerQuerySet(models.QuerySet["WorkerRegistry"]):
+    def active(self) -> WorkerQuerySet:
+        return self.filter(status="active")
+
+    def register(
+        self,
+        worker_id: str,
+        *,
+        incarnation: uuid.UUID,
+        metadata: dict[str, Any],
+        clock_skew: float | None = None,
+    ) -> Registration:
+        """Insert or take over the row of ``worker_id`` for a new start of the worker."""
+        fields = {
+            "status": "active",
+            "incarnation": incarnation,
+            "last_heartbeat": Now(),
+            "started_at": Now(),
+            "status_changed_at": Now(),
+            "tasks_processed": 0,
+            "metadata": metadata,
+            "clock_skew": clock_skew,
+        }
+        with transaction.atomic(using=self.db):
+            previous = (
+                self.select_for_update().filter(worker_id=worker_id).values("incarnation", "status")
+            ).first()
+            if previous is None:
+                try:
+                    with transaction.atomic(using=self.db):
+                        self.create(worker_id=worker_id, **fields)
+                except IntegrityError:  # registered concurrently under the same name
+                    previous = self.filter(worker_id=worker_id).values(
+                        "incarnation", "status"
+                    ).first()
+            if previous is not None:
+                self.filter(worker_id=worker_id).update(**fields)
+        worker = self.get(worker_id=worker_id)
+        if previous is None or previous["incarnation"] == incarnation:
+            return Registration(worker, None, None)
+        return Registration(worker, previous["incarnation"], previous["status"])
+
+    def beat(self, worker_id: str, incarnation: uuid.UUID, tasks_processed: int) -> int:
+        """Write one heartbeat; 0 rows means the row is not ours-and-active any more."""
+        return self.filter(worker_id=worker_id, incarnation=incarnation, status="active").update(
+            last_heartbeat=Now(), tasks_processed=tasks_processed
+        )
+
+    def recover(self, worker_id: str, incarnation: uuid.UUID, tasks_processed: int) -> int:
+        """A worker that was failed (or marked offline) heartbeats again: make it active."""
+        return (
+            self.filter(worker_id=worker_id, incarnation=incarnation)
+            .exclude(status="active")
+            .update(
+                status="active",
+                last_heartbeat=Now(),
+                status_changed_at=Now(),
+                tasks_processed=tasks_processed,
+            )
+        )
+
+    def mark_offline(self, worker_id: str, incarnation: uuid.UUID | None = None) -> int:
+        """Warm shutdown (or an operator's drain): the worker left on purpose."""
+        qs = self.filter(worker_id=worker_id)
+        if incarnation is not None:
+            qs = qs.filter(incarnation=incarnation)
+        return qs.exclude(status="offline").update(status="offline", status_changed_at=Now())
+
+    def stale(self, stale_after: float) -> WorkerQuerySet:
+        """Active workers whose last heartbeat is older than ``stale_after`` seconds."""
+        return self.filter(status="active", last_heartbeat__lt=db_now_minus(stale_after))
+
+    def fail_if_stale(self, pk: int, stale_after: float) -> bool:
+        """Mark one worker failed if it is still active and stale; True if this call did it."""
+        return bool(
+            self.stale(stale_after)
+            .filter(pk=pk)
+            .update(status="failed", status_changed_at=Now())
+        )
+
+    def delete_inactive_older_than(self, days: float) -> int:
+        qs = self.exclude(status="active").filter(
+            status_changed_at__lt=db_now_minus(days * 86400)
+        )
+        deleted, _ = qs.delete()
+        return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# tasks
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a worker saw of one received message: enough to publish it again."""
+
+    task_id: str
+    task_name: str
+    queue: str
+    exchange: str
+    routing_key: str
+    body: bytes | None
+    content_type: str
+    content_encoding: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    eta: datetime | None
+    expires: datetime | None
+
+    def row_fields(self) -> dict[str, Any]:
+        return {
+            "task_name": self.task_name,
+            "queue": self.queue,
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "body": self.body,
+            "content_type": self.content_type,
+            "content_encoding": self.content_encoding,
+            "headers": self.headers,
+            "properties": self.properties,
+            "eta": self.eta,
+            "expires": self.expires,
+        }
+
+
+MESSAGE_FIELDS = (
+    "task_name",
+    "queue",
+    "exchange",
+    "routing_key",
+    "body",
+    "content_type",
+    "content_encoding",
+    "headers",
+    "properties",
+    "eta",
+    "expires",
+)
+
+
+def _holder_alive() -> Exists:
+    """The worker incarnation that holds a row is still registered and active."""
+    from .models import WorkerRegistry
+
+    return Exists(
+        WorkerRegistry.objects.filter(
+            pk=OuterRef("claimed_by"),
+            status="active",
+            incarnation=OuterRef("claimed_incarnation"),
+        )
+    )
+
+
+class TaskQuerySet(models.QuerySet["TaskQueue"]):
+    def held_by(self, worker: WorkerRegistry | int) -> TaskQuerySet:
+        """Tasks a worker holds: received but not started, or running."""
+        return self.filter(claimed_by=worker, status__in=("reserved", "claimed"))
+
+    def orphaned(self) -> TaskQuerySet:
+        """Held tasks whose holder is not an active incarnation any more."""
+        return self.filter(status__in=("reserved", "claimed")).exclude(_holder_alive())
+
+    def record_published(
+        self, *, task_id: str, task_name: str, queue: str, eta: datetime | None,
+        expires: datetime | None,
+    ) -> None:
+        """The publisher's single statement: insert the row unless a worker already did."""
+        self.bulk_create(
+            [
+                self.model(
+                    task_id=task_id,
+                    task_name=task_name,
+                    queue=queue,
+                    routing_key=queue,
+                    eta=eta,
+                    expires=expires,
+                )
+            ],
+            ignore_conflicts=True,
+        )
+
+    def reserve(
+        self, deliveries: Sequence[Delivery], worker_pk: int, incarnation: uuid.UUID
+    ) -> None:
+        """A worker received these messages: store them and note that it holds them.
+
+        Two statements for the whole batch: an upsert of the message contents (the latest
+        delivery is the one to publish again) and a conditional hand-over of the hold.
+        """
+        if not deliveries:
+            return
+        self.bulk_create(
+            [self.model(task_id=d.task_id, status="queued", **d.row_fields()) for d in deliveries],
+            update_conflicts=True,
+            unique_fields=["task_id"],
+            update_fields=[*MESSAGE_FIELDS, "updated_at"],
+        )
+        self.filter(
+            task_id__in=[d.task_id for d in deliveries], status__in=("queued", "reclaiming")
+        ).update(
+            status="reserved",
+            claimed_by=worker_pk,
+            claimed_incarnation=incarnation,
+            claimed_at=Now(),
+            reclaim_lease=None,
+            updated_at=Now(),
+        )
+
+    def claim(
+        self,
+        *,
+        task_id: str,
+        task_name: str,
+        queue: str,
+        worker_pk: int,
+        incarnation: uuid.UUID,
+    ) -> int | None:
+        """Claim a task before its code runs. Returns the new fencing token, or ``None``
+        when this delivery must not run (finished, or running on a live worker)."""
+        claimable = Q(status__in=("queued", "reserved", "reclaiming")) | (
+            Q(status="claimed") & ~_holder_alive()
+        )
+        updated = (
+            self.filter(task_id=task_id)
+            .filter(claimable)
+            .update(
+                status="claimed",
+                claimed_by=worker_pk,
+                claimed_incarnation=incarnation,
+                claimed_at=Now(),
+                fencing_token=F("fencing_token") + 1,
+                reclaim_lease=None,
+                updated_at=Now(),
+            )
+        )
+        if not updated:
+            try:
+                with transaction.atomic(using=self.db):
+                    self.create(
+                        task_id=task_id,
+                        task_name=task_name,
+                        queue=queue,
+                        routing_key=queue,
+                        status="claimed",
+                        claimed_by_id=worker_pk,
+                        claimed_incarnation=incarnation,
+                        claimed_at=Now(),
+                        fencing_token=1,
+                    )
+                return 1
+            except IntegrityError:
+                return None  # the row exists and is not claimable: a duplicate delivery
+        return (
+            self.filter(
+                task_id=task_id,
+                status="claimed",
+                claimed_by=worker_pk,
+                claimed_incarnation=incarnation,
+            )
+            .values_list("fencing_token", flat=True)
+            .first()
+        )
+
+    def finish(self, task_id: str, token: int, status: str) -> bool:
+        """Record the end of a run; only the current claim may. False means fenced off."""
+        return bool(
+            self.filter(task_id=task_id, status="claimed", fencing_token=token).update(
+                status=status, finished_at=Now(), updated_at=Now()
+            )
+        )
+
+    def requeue_own(self, task_id: str, token: int) -> bool:
+        """A running task published itself again (retry, replace): it is queued again."""
+        return bool(
+            self.filter(task_id=task_id, status="claimed", fencing_token=token).update(
+                status="queued",
+                claimed_by=None,
+                claimed_incarnation=None,
+                updated_at=Now(),
+            )
+        )
+
+    def mark_revoked(self, task_ids: Iterable[str]) -> int:
+        return (
+            self.filter(task_id__in=list(task_ids))
+            .exclude(status__in=("succeeded", "failed", "quarantined"))
+            .update(status="revoked", finished_at=Now(), updated_at=Now())
+        )
+
+    def requeue_quarantined(self, pks: Iterable[int]) -> list[str]:
+        """An operator lets quarantined tasks run again (reclaim budget reset)."""
+        ids = list(self.filter(pk__in=list(pks), status="quarantined").values_list("pk", flat=True))
+        self.filter(pk__in=ids, status="quarantined").update(
+            status="reclaiming",
+            reclaim_count=0,
+            reclaimed_at=db_now_minus(86400 * 365),  # due for the outbox at once
+            reclaim_lease=None,
+            finished_at=None,
+            updated_at=Now(),
+        )
+        return [str(pk) for pk in ids]
+
+    def delete_finished(self, older_than: timedelta, batch_size: int = 1000) -> int:
+        """Delete finished rows older than ``older_than``, in batches."""
+        total = 0
+        cutoff = db_now_minus(older_than.total_seconds())
+        while True:
+            pks = list(
+                self.filter(
+                    status__in=("succeeded", "failed", "revoked", "quarantined"),
+                    finished_at__lt=cutoff,
+                ).values_list("pk", flat=True)[:batch_size]
+            )
+            if not pks:
+                return total
+            deleted, _ = self.filter(pk__in=pks).delete()
+            total += deleted
+
+
+# --------------------------------------------------------------------------------------------
+# events and detector state
+
+
+class EventQuerySet(models.QuerySet["WorkerEvent"]):
+    def delete_older_than(self, older_than: timedelta, batch_size: int = 1000) -> int:
+        total = 0
+        cutoff = db_now_minus(older_than.total_seconds())
+        while True:
+            pks = list(
+                self.filter(created_at__lt=cutoff).values_list("pk", flat=True)[:batch_size]
+            )
+            if not pks:
+                return total
+            deleted, _ = self.filter(pk__in=pks).delete()
+            total += deleted
+
+
+class DetectorStateManager(models.Manager["DetectorState"]):
+    def take_sweep_lease(self, who: str, spacing: float, outage_gap: float, force: bool) -> bool:
+        """Start a sweep if none started in the last ``spacing`` seconds (or ``force``).
+
+        The same statement keeps the outage guard: after a pause in sweeps longer than
+        ``outage_gap``, ``observing_since`` restarts, and no worker is failed until the
+        detector has watched for ``STALE_AFTER`` again.
+        """
+        gap_exceeded = Q(last_sweep_at__isnull=True) | Q(last_sweep_at__lt=db_now_minus(outage_gap))
+        qs = self.filter(pk=1)
+        if not force:
+            qs = qs.filter(Q(last_sweep_at__isnull=True) | Q(last_sweep_at__lte=db_now_minus(spacing)))
+        updated = qs.update(
+            observing_since=Case(When(gap_exceeded, then=Now()), default=F("observing_since")),
+            last_sweep_at=Now(),
+            last_sweep_by=who[:255],
+        )
+        if updated:
+            return True
+        if not self.filter(pk=1).exists():
+            try:
+                with transaction.atomic(using=self.db):
+                    self.create(pk=1, last_sweep_at=Now(), observing_since=Now(), last_sweep_by=who)
+                return True
+            except IntegrityError:
+                return False
+        return False
+
+    def observed_for(self, seconds: float) -> bool:
+        """Has the detector watched without a gap for at least ``seconds``?"""
+        return self.filter(pk=1, observing_since__lte=db_now_minus(seconds)).exists()
+
+    def record_sweep_done(self, duration: float) -> None:
+        self.filter(pk=1).update(last_sweep_duration=duration, last_success_at=Now())

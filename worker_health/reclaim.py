@@ -1,0 +1,413 @@
+"""Detection and reclamation: the one place that decides a worker is dead.
+
+A *sweep* runs at most once per ``CHECK_INTERVAL`` across the whole cluster (a lease row in
+the database): celery beat's ``detect_failed_workers`` task triggers it, and so does every
+live worker's heartbeat thread, so detection never waits behind a backlog of user tasks.
+A sweep
+
+1. fails every active worker whose heartbeat is older than ``STALE_AFTER`` by the
+   database's clock, unless the outage guard says the detector itself was not watching;
+2. reclaims every task held by a worker incarnation that is no longer active: the task is
+   moved to ``reclaiming`` under a row lock, and after commit its recorded message is
+   published again, byte for byte, with the same task id (or it is quarantined once it has
+   been reclaimed ``MAX_RECLAIMS`` times);
+3. re-publishes reclaims whose publish did not go through (the outbox).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from django.db import connections, router, transaction
+from django.db.models import F, Q
+from django.db.models.functions import Now
+
+from . import publish
+from .conf import settings
+from .models import (
+    DetectorState,
+    EventKind,
+    TaskQueue,
+    TaskStatus,
+    WorkerRegistry,
+    event,
+)
+from .querysets import TaskQuerySet, db_now_minus
+from .signals import task_quarantined, task_reclaimed, worker_failed
+
+if TYPE_CHECKING:
+    from .heartbeat import WorkerIdentity
+
+logger = logging.getLogger("worker_health")
+
+
+@dataclass
+class SweepResult:
+    swept: bool = False
+    failed_workers: list[str] = field(default_factory=list)
+    reclaimed: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+    republished: list[str] = field(default_factory=list)
+    duration: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "swept": self.swept,
+            "failed_workers": self.failed_workers,
+            "reclaimed": self.reclaimed,
+            "quarantined": self.quarantined,
+            "republished": self.republished,
+            "duration": round(self.duration, 4),
+        }
+
+
+@dataclass
+class ReclaimOutcome:
+    reclaimed: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+
+    def extend(self, other: ReclaimOutcome) -> None:
+        self.reclaimed += other.reclaimed
+        self.quarantined += other.quarantined
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep
+
+
+def sweep(who: str, *, force: bool = False) -> SweepResult:
+    """Run one detector sweep if no other detector ran one in the last ``CHECK_INTERVAL``."""
+    result = SweepResult()
+    spacing = settings.CHECK_INTERVAL * 0.9
+    if not DetectorState.objects.take_sweep_lease(who, spacing, settings.OUTAGE_GAP, force):
+        return result
+    started = time.monotonic()
+    result.swept = True
+    result.failed_workers = fail_stale_workers()
+    outcome = reclaim_orphans()
+    result.reclaimed, result.quarantined = outcome.reclaimed, outcome.quarantined
+    result.republished = flush_outbox()
+    result.duration = time.monotonic() - started
+    DetectorState.objects.record_sweep_done(result.duration)
+    return result
+
+
+def fail_stale_workers() -> list[str]:
+    """Mark failed every active worker whose heartbeat is older than ``STALE_AFTER``.
+
+    Outage guard: nobody is failed unless the detector has been sweeping without a pause
+    longer than ``STALE_AFTER`` for at least ``STALE_AFTER``; heartbeats that could not be
+    written while the database was down therefore never count against a worker.
+    """
+    stale_after = settings.STALE_AFTER
+    if not DetectorState.objects.observed_for(stale_after):
+        return []
+    failed: list[str] = []
+    candidates = WorkerRegistry.objects.stale(stale_after).values_list(
+        "pk", "worker_id", "last_heartbeat"
+    )
+    for pk, worker_id, last_heartbeat in list(candidates):
+        if not WorkerRegistry.objects.fail_if_stale(pk, stale_after):
+            continue  # another detector got there first, or it just beat
+        failed.append(worker_id)
+        worker = WorkerRegistry.objects.get(pk=pk)
+        event(
+            EventKind.WORKER_FAILED,
+            worker=worker,
+            last_heartbeat=last_heartbeat.isoformat() if last_heartbeat else None,
+            stale_after=stale_after,
+        )
+        logger.warning(
+            "worker_failed: %s missed its heartbeats (last %s)",
+            worker_id,
+            last_heartbeat,
+            extra={"worker_id": worker_id, "last_heartbeat": last_heartbeat},
+        )
+        worker_failed.send_robust(
+            sender=WorkerRegistry, worker=worker, last_heartbeat=last_heartbeat
+        )
+    return failed
+
+
+def reclaim_orphans() -> ReclaimOutcome:
+    """Reclaim every task held by a worker incarnation that is no longer active."""
+    outcome = ReclaimOutcome()
+    holders = (
+        TaskQueue.objects.orphaned()
+        .order_by()
+        .values_list("claimed_by", flat=True)
+        .distinct()
+    )
+    for worker_pk in list(holders):
+        worker = WorkerRegistry.objects.filter(pk=worker_pk).first()
+        if worker is None:
+            continue
+        reason = "worker failed" if worker.status == "failed" else f"worker {worker.status}"
+        outcome.extend(
+            reclaim(
+                TaskQueue.objects.orphaned().filter(claimed_by=worker_pk),
+                reason=reason,
+                worker_name=worker.worker_id,
+            )
+        )
+    return outcome
+
+
+def reclaim_tasks_of(worker: WorkerRegistry, *, reason: str = "manual") -> ReclaimOutcome:
+    """Reclaim what ``worker`` holds. For a live worker only its older incarnations' tasks
+    are taken, unless ``reason`` is ``"manual"`` (an operator's decision)."""
+    qs = TaskQueue.objects.held_by(worker)
+    if reason != "manual" and worker.status == "active":
+        qs = qs.exclude(claimed_incarnation=worker.incarnation)
+    return reclaim(qs, reason=reason, worker_name=worker.worker_id)
+
+
+def reclaim_lost_task(task_id: str, identity: WorkerIdentity) -> ReclaimOutcome:
+    """A prefork child died running ``task_id`` (``WorkerLostError``): reclaim it now."""
+    qs = TaskQueue.objects.filter(
+        task_id=task_id,
+        status=TaskStatus.CLAIMED,
+        claimed_by=identity.pk,
+        claimed_incarnation=identity.incarnation,
+    )
+    return reclaim(qs, reason="worker process lost", worker_name=identity.worker_id)
+
+
+def hand_back(identity: WorkerIdentity, *, include_running: bool) -> ReclaimOutcome:
+    """Shutdown: publish again what this worker received but will not run."""
+    statuses = ["reserved", "claimed"] if include_running else ["reserved"]
+    qs = TaskQueue.objects.filter(
+        claimed_by=identity.pk, claimed_incarnation=identity.incarnation, status__in=statuses
+    )
+    return reclaim(qs, reason="shutdown", worker_name=identity.worker_id, count=False)
+
+
+def audit_own_claims(identity: WorkerIdentity, in_memory: set[str], grace: float) -> ReclaimOutcome:
+    """Held rows of this incarnation that the worker no longer has in memory were lost
+    (a pool process died, or Celery dropped the message): reclaim them."""
+    qs = TaskQueue.objects.filter(
+        claimed_by=identity.pk,
+        claimed_incarnation=identity.incarnation,
+        status__in=("reserved", "claimed"),
+        claimed_at__lt=db_now_minus(grace),
+    ).exclude(task_id__in=in_memory)
+    return reclaim(qs, reason="worker process lost", worker_name=identity.worker_id)
+
+
+# --------------------------------------------------------------------------------------------
+# the mechanism
+
+
+def _lockable(qs: TaskQuerySet, db: str) -> TaskQuerySet:
+    features = connections[db].features
+    if features.has_select_for_update_skip_locked:
+        return qs.select_for_update(skip_locked=True)
+    if features.has_select_for_update:
+        return qs.select_for_update()
+    # SQLite: writers are serialized; the conditional UPDATEs below decide who wins.
+    return qs
+
+
+def reclaim(
+    qs: TaskQuerySet,
+    *,
+    reason: str,
+    worker_name: str,
+    count: bool = True,
+    batch_size: int = 500,
+) -> ReclaimOutcome:
+    """Move the held tasks in ``qs`` to ``reclaiming`` (or ``quarantined``) and publish
+    them again after commit. Safe to run from several processes at once: each task is
+    moved by exactly one of them, and only that one publishes it."""
+    db = router.db_for_write(TaskQueue)
+    outcome = ReclaimOutcome()
+    max_reclaims = settings.MAX_RECLAIMS
+    while True:
+        lease = uuid.uuid4()
+        batch = ReclaimOutcome()
+        quarantined_rows: list[dict[str, Any]] = []
+        with transaction.atomic(using=db):
+            rows = list(
+                _lockable(qs.using(db).filter(status__in=("reserved", "claimed")), db)
+                .order_by("pk")
+                .values(
+                    "pk",
+                    "task_id",
+                    "task_name",
+                    "status",
+                    "fencing_token",
+                    "claimed_incarnation",
+                    "reclaim_count",
+                    "lost_on",
+                    "body",
+                )[:batch_size]
+            )
+            if not rows:
+                break
+            for row in rows:
+                # A task killed while running counts against its budget; one that was only
+                # waiting in the dead worker's prefetch buffer does not.
+                counts = count and row["status"] == TaskStatus.CLAIMED
+                quarantine = counts and row["reclaim_count"] >= max_reclaims
+                unpublishable = row["body"] is None and not quarantine
+                lost_on = [*(row["lost_on"] or []), worker_name][-20:]
+                updates: dict[str, Any] = {
+                    "claimed_by": None,
+                    "claimed_incarnation": None,
+                    "reclaimed_at": Now(),
+                    "updated_at": Now(),
+                    "lost_on": lost_on if counts else row["lost_on"] or [],
+                }
+                if counts:
+                    updates["reclaim_count"] = F("reclaim_count") + 1
+                if quarantine:
+                    updates.update(status=TaskStatus.QUARANTINED, finished_at=Now())
+                elif unpublishable:
+                    # Never recorded its message (died within milliseconds of receiving
+                    # it): nothing to publish; mark it queued for the broker's redelivery.
+                    updates.update(status=TaskStatus.QUEUED)
+                else:
+                    updates.update(status=TaskStatus.RECLAIMING, reclaim_lease=lease)
+                won = (
+                    TaskQueue.objects.using(db)
+                    .filter(
+                        pk=row["pk"],
+                        status=row["status"],
+                        fencing_token=row["fencing_token"],
+                        claimed_incarnation=row["claimed_incarnation"],
+                    )
+                    .update(**updates)
+                )
+                if not won:
+                    continue
+                if quarantine:
+                    batch.quarantined.append(row["task_id"])
+                    quarantined_rows.append({**row, "lost_on": lost_on})
+                else:
+                    batch.reclaimed.append(row["task_id"])
+            transaction.on_commit(
+                lambda lease=lease, batch=batch, q=quarantined_rows: _after_commit(
+                    lease, batch, q, reason, worker_name, db
+                ),
+                using=db,
+            )
+        outcome.extend(batch)
+        if len(rows) < batch_size:
+            break
+    return outcome
+
+
+def _after_commit(
+    lease: uuid.UUID,
+    batch: ReclaimOutcome,
+    quarantined_rows: list[dict[str, Any]],
+    reason: str,
+    worker_name: str,
+    db: str,
+) -> None:
+    published = publish_reclaimed(Q(reclaim_lease=lease), db)
+    results_integration.reset_started(batch.reclaimed)
+    for task_id in batch.reclaimed:
+        task = TaskQueue.objects.using(db).filter(task_id=task_id).first()
+        event(
+            EventKind.TASK_RECLAIMED,
+            worker_name=worker_name,
+            task_id=task_id,
+            using=db,
+            reason=reason,
+            published=task_id in published,
+            reclaim_count=task.reclaim_count if task else None,
+        )
+        logger.warning(
+            "task_reclaimed: %s from %s (%s)",
+            task_id,
+            worker_name,
+            reason,
+            extra={"task_id": task_id, "worker_id": worker_name, "reason": reason},
+        )
+        if task is not None:
+            task_reclaimed.send_robust(
+                sender=TaskQueue, task=task, worker_id=worker_name, reason=reason
+            )
+    for row in quarantined_rows:
+        message = quarantine_message(row["task_name"], row["lost_on"])
+        results_integration.mark_quarantined(row["task_id"], message)
+        event(
+            EventKind.TASK_QUARANTINED,
+            worker_name=worker_name,
+            task_id=row["task_id"],
+            using=db,
+            message=message,
+            lost_on=row["lost_on"],
+        )
+        logger.error(
+            "task_quarantined: %s",
+            message,
+            extra={"task_id": row["task_id"], "worker_id": worker_name},
+        )
+        task = TaskQueue.objects.using(db).filter(task_id=row["task_id"]).first()
+        task_quarantined.send_robust(sender=TaskQueue, task=task, worker_id=worker_name)
+
+
+def quarantine_message(task_name: str, lost_on: Iterable[str]) -> str:
+    counts: dict[str, int] = {}
+    for name in lost_on:
+        counts[name] = counts.get(name, 0) + 1
+    killed = ", ".join(f"{name} ({n}x)" for name, n in counts.items())
+    total = sum(counts.values())
+    return (
+        f"worker_health quarantined {task_name}: its worker died while running it {total} "
+        f"times (WORKER_HEALTH_MAX_RECLAIMS={settings.MAX_RECLAIMS}); workers lost: {killed}. "
+        f"It will not run again unless an operator requeues it."
+    )
+
+
+def publish_reclaimed(condition: Q, db: str) -> set[str]:
+    """Publish the ``reclaiming`` rows matching ``condition``; mark each queued once sent."""
+    published: set[str] = set()
+    rows = TaskQueue.objects.using(db).filter(condition, status=TaskStatus.RECLAIMING)
+    for task in list(rows):
+        try:
+            publish.republish(task)
+        except Exception:
+            logger.exception(
+                "worker_health: could not publish reclaimed task %s; the next sweep retries",
+                task.task_id,
+                extra={"task_id": task.task_id},
+            )
+            continue
+        TaskQueue.objects.using(db).filter(
+            pk=task.pk, status=TaskStatus.RECLAIMING, reclaim_lease=task.reclaim_lease
+        ).update(status=TaskStatus.QUEUED, reclaim_lease=None, updated_at=Now())
+        published.add(task.task_id)
+    return published
+
+
+def outbox_grace() -> float:
+    return max(5.0, 2 * settings.CHECK_INTERVAL)
+
+
+def flush_outbox() -> list[str]:
+    """Publish reclaims whose publish failed (broker down, detector killed mid-way)."""
+    db = router.db_for_write(TaskQueue)
+    stuck = TaskQueue.objects.using(db).filter(
+        status=TaskStatus.RECLAIMING, reclaimed_at__lt=db_now_minus(outbox_grace())
+    )
+    lease = uuid.uuid4()
+    taken = 0
+    for pk, old_lease in list(stuck.values_list("pk", "reclaim_lease")[:1000]):
+        taken += TaskQueue.objects.using(db).filter(
+            pk=pk, status=TaskStatus.RECLAIMING, reclaim_lease=old_lease
+        ).update(reclaim_lease=lease, reclaimed_at=Now())
+    if not taken:
+        return []
+    return sorted(publish_reclaimed(Q(reclaim_lease=lease), db))
+
+
+# imported last: it needs nothing from here at import time
+from . import results_integration  # noqa: E402

@@ -1,0 +1,447 @@
+"""Celery signal receivers that record a task's life: published, received, claimed, done.
+
+Where each write happens, and why:
+
+* **publish** (``before_task_publish``, in the publisher): one ``INSERT .. ON CONFLICT DO
+  NOTHING`` of the task's name and queue, deferred to the commit of the publisher's
+  transaction so a rolled-back request leaves nothing behind. The payload is not touched.
+* **receive** (``task_received``, worker main process): the delivered message is queued in
+  memory and written in batches by a background thread (no database work on Celery's event
+  loop): the raw body, headers and routing, and that this worker holds the task.
+* **claim** (``before_start``, just before user code, in the pool process): a conditional
+  UPDATE that gives the run a new fencing token. A delivery that may not run (finished, or
+  running on a live worker) is skipped with ``Ignore``.
+* **finish** (``task_postrun``): accepted only with the current token; a late result from a
+  run that was reclaimed is recorded as a stale completion and changes nothing.
+
+Database work in worker processes runs on a per-process thread (:mod:`.dbthread`) whose
+connection persists, since Celery closes the task thread's connections around every task.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from celery import states
+from celery.app.trace import task_has_custom
+from celery.exceptions import Ignore, WorkerLostError
+from django.db import DatabaseError, InterfaceError, close_old_connections, transaction
+
+from . import dbthread
+from .conf import settings
+from .heartbeat import WorkerIdentity, identity_for
+from .querysets import Delivery
+
+if TYPE_CHECKING:
+    from celery import Task
+    from celery.worker import WorkController
+    from celery.worker.request import Request
+
+logger = logging.getLogger("worker_health")
+
+OWN_TASK_PREFIX = "worker_health."
+
+#: fencing tokens of the runs in this process, by task id
+_tokens: dict[str, int] = {}
+#: task ids this process published again while running them (retry, replace)
+_requeued: set[str] = set()
+
+
+def is_tracked(task_name: str | None, queue: str | None = None) -> bool:
+    """Whether ``WORKER_HEALTH_TRACK_TASKS`` covers this task (by name pattern or queue)."""
+    if not task_name or task_name.startswith(OWN_TASK_PREFIX):
+        return False
+    patterns = settings.TRACK_TASKS
+    if patterns is None:
+        return True
+    return any(
+        fnmatch.fnmatchcase(task_name, pattern) or (queue is not None and queue == pattern)
+        for pattern in patterns
+    )
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# publish
+
+
+def on_before_task_publish(
+    sender: str | None = None,
+    body: Any = None,
+    exchange: str | None = None,
+    routing_key: str | None = None,
+    headers: dict[str, Any] | None = None,
+    properties: dict[str, Any] | None = None,
+    **_: Any,
+) -> None:
+    headers = headers or {}
+    task_name = headers.get("task") or sender
+    task_id = headers.get("id")
+    if not task_id or not is_tracked(task_name, routing_key):
+        return
+    token = _tokens.get(task_id)
+    if token is not None:
+        # A running task publishes itself again (retry, Task.replace): it goes back to
+        # queued now, before the new message can reach another worker.
+        _requeue_own(task_id, token)
+        return
+    from .models import TaskQueue
+
+    def record() -> None:
+        TaskQueue.objects.record_published(
+            task_id=task_id,
+            task_name=str(task_name),
+            queue=routing_key or "",
+            eta=_parse_time(headers.get("eta")),
+            expires=_parse_time(headers.get("expires")),
+        )
+
+    try:
+        transaction.on_commit(record)
+    except Exception:
+        # Tracking must never break the user's publish; the worker records it on receipt.
+        logger.exception("worker_health: could not record the publish of %s", task_id)
+
+
+def _requeue_own(task_id: str, token: int) -> None:
+    from .models import TaskQueue
+
+    _requeued.add(task_id)
+    try:
+        dbthread.call(lambda: TaskQueue.objects.requeue_own(task_id, token))
+    except Exception:
+        logger.exception("worker_health: could not requeue %s for its retry", task_id)
+
+
+# --------------------------------------------------------------------------------------------
+# receive (worker main process)
+
+
+def delivery_from_request(request: Request) -> Delivery:
+    message = request.message
+    info = message.delivery_info or {}
+    headers = dict(message.headers or {})
+    props = {
+        k: v
+        for k, v in (message.properties or {}).items()
+        if k in ("correlation_id", "reply_to", "priority", "delivery_mode")
+    }
+    body = message.body
+    if isinstance(body, str):
+        body = body.encode(message.content_encoding or "utf-8")
+    queue = info.get("routing_key") or ""
+    return Delivery(
+        task_id=request.id,
+        task_name=request.name,
+        queue=queue,
+        exchange=info.get("exchange") or "",
+        routing_key=info.get("routing_key") or "",
+        body=bytes(body) if body is not None else None,
+        content_type=message.content_type or "",
+        content_encoding=message.content_encoding or "",
+        headers=_json_safe(headers),
+        properties=props,
+        eta=_parse_time(headers.get("eta")),
+        expires=_parse_time(headers.get("expires")),
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(value)
+
+
+class Recorder:
+    """Writes what the worker's main process learns, in batches, off the event loop."""
+
+    def __init__(self, identity: WorkerIdentity) -> None:
+        self.identity = identity
+        self._items: deque[Delivery | Callable[[], Any]] = deque()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, item: Delivery | Callable[[], Any]) -> None:
+        self._items.append(item)
+        self._wake.set()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="worker-health-recorder", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def flush(self) -> None:
+        """Write everything queued so far (on the calling thread)."""
+        self._write_pending()
+
+    def _run(self) -> None:
+        retry = 0.1
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self._write_pending()
+                retry = 0.1
+            except (DatabaseError, InterfaceError) as exc:
+                logger.warning("worker_health: recorder cannot write (%s); retrying", exc)
+                close_old_connections()
+                time.sleep(retry)
+                retry = min(retry * 2, 2.0)
+                self._wake.set()
+            if self._stopped and not self._items:
+                return
+
+    def _write_pending(self) -> None:
+        from .models import TaskQueue
+
+        while self._items:
+            if self.identity.pk is None:
+                return  # not registered yet: the heart will; keep the items
+            batch: list[Delivery | Callable[[], Any]] = []
+            while self._items and len(batch) < 500:
+                batch.append(self._items.popleft())
+            try:
+                deliveries = [item for item in batch if isinstance(item, Delivery)]
+                TaskQueue.objects.reserve(
+                    deliveries, self.identity.pk, self.identity.incarnation
+                )
+                for item in batch:
+                    if not isinstance(item, Delivery):
+                        item()
+            except BaseException:
+                self._items.extendleft(reversed(batch))
+                raise
+
+
+_recorders: dict[str, Recorder] = {}
+
+
+def recorder_for(identity: WorkerIdentity) -> Recorder:
+    recorder = _recorders.get(identity.worker_id)
+    if recorder is None or recorder.identity is not identity:
+        recorder = _recorders[identity.worker_id] = Recorder(identity)
+    return recorder
+
+
+def on_task_received(sender: Any = None, request: Request | None = None, **_: Any) -> None:
+    if request is None:
+        return
+    queue = (request.delivery_info or {}).get("routing_key")
+    if not is_tracked(request.name, queue):
+        return
+    identity = identity_for(getattr(sender, "hostname", None) or request.hostname)
+    if identity is None:
+        return
+    recorder_for(identity).add(delivery_from_request(request))
+
+
+def on_task_revoked(sender: Any = None, request: Request | None = None, **_: Any) -> None:
+    if request is None or not is_tracked(request.name):
+        return
+    identity = identity_for(request.hostname)
+    task_id = request.id
+    from .models import TaskQueue
+
+    if identity is not None:
+        recorder_for(identity).add(lambda: TaskQueue.objects.mark_revoked([task_id]))
+
+
+def on_task_failure(
+    sender: Task | None = None, task_id: str | None = None, exception: Any = None, **_: Any
+) -> None:
+    """A pool process died running the task: reclaim it now rather than at the next sweep."""
+    if not isinstance(exception, WorkerLostError) or not task_id or sender is None:
+        return
+    if not is_tracked(sender.name):
+        return
+    identity = identity_for(getattr(sender.request, "hostname", None))
+    if identity is None:
+        return
+    from . import reclaim
+
+    recorder_for(identity).add(lambda: reclaim.reclaim_lost_task(task_id, identity))
+
+
+# --------------------------------------------------------------------------------------------
+# claim and finish (pool process)
+
+
+def claim_before_start(task: Task, task_id: str, args: Any, kwargs: Any) -> None:
+    """Installed as ``before_start`` of tracked tasks: claim, or skip this delivery."""
+    original = getattr(type(task), "_worker_health_original_before_start", None)
+    request = task.request
+    queue = (request.delivery_info or {}).get("routing_key") or ""
+    if not request.called_directly and is_tracked(task.name, queue):
+        identity = identity_for(request.hostname)
+        if identity is not None:
+            token = _claim(task, task_id, queue, identity)
+            if token is None:
+                logger.info(
+                    "worker_health: skipping duplicate delivery of %s[%s]",
+                    task.name,
+                    task_id,
+                    extra={"task_id": task_id, "worker_id": identity.worker_id},
+                )
+                _record_duplicate(task_id, identity)
+                raise Ignore()
+    if original is not None:
+        original(task, task_id, args, kwargs)
+
+
+def _claim(task: Task, task_id: str, queue: str, identity: WorkerIdentity) -> int | None:
+    from .models import TaskQueue, WorkerRegistry
+
+    def claim() -> int | None:
+        if identity.pk is None:
+            identity.pk = (
+                WorkerRegistry.objects.filter(worker_id=identity.worker_id)
+                .values_list("pk", flat=True)
+                .first()
+            )
+            if identity.pk is None:
+                return -1  # not registered yet: run untracked rather than not at all
+        return TaskQueue.objects.claim(
+            task_id=task_id,
+            task_name=task.name,
+            queue=queue,
+            worker_pk=identity.pk,
+            incarnation=identity.incarnation,
+        )
+
+    try:
+        token = dbthread.call(claim)
+    except Exception:
+        # The database is unreachable: run the task untracked rather than not at all.
+        logger.warning(
+            "worker_health: could not claim %s; running it untracked", task_id, exc_info=True
+        )
+        return -1
+    if token is not None and token >= 0:
+        _tokens[task_id] = token
+    return token
+
+
+def _record_duplicate(task_id: str, identity: WorkerIdentity) -> None:
+    from .models import EventKind, event
+
+    try:
+        dbthread.submit(
+            lambda: event(
+                EventKind.DUPLICATE_DELIVERY, worker_name=identity.worker_id, task_id=task_id
+            )
+        )
+    except Exception:  # pragma: no cover - informational
+        pass
+
+
+FINAL_STATUS = {
+    states.SUCCESS: "succeeded",
+    states.FAILURE: "failed",
+    states.REJECTED: "failed",
+    states.IGNORED: "succeeded",
+}
+
+
+def on_task_postrun(
+    sender: Task | None = None, task_id: str | None = None, state: str | None = None, **_: Any
+) -> None:
+    if task_id is None:
+        return
+    token = _tokens.pop(task_id, None)
+    if token is None:
+        return
+    if task_id in _requeued:
+        _requeued.discard(task_id)
+        return  # retried / replaced: the row is queued for the next run
+    status = FINAL_STATUS.get(state or "", "failed")
+    request = sender.request if sender is not None else None
+    identity = identity_for(getattr(request, "hostname", None))
+    from .models import EventKind, TaskQueue, event
+    from .signals import stale_completion
+
+    def finish() -> bool:
+        if TaskQueue.objects.finish(task_id, token, status):
+            return True
+        event(
+            EventKind.STALE_COMPLETION,
+            worker_name=identity.worker_id if identity else "",
+            task_id=task_id,
+            token=token,
+            state=state,
+        )
+        return False
+
+    try:
+        accepted = dbthread.call(finish)
+    except Exception:
+        logger.exception("worker_health: could not record the end of %s", task_id)
+        return
+    if not accepted:
+        logger.warning(
+            "worker_health: stale completion of %s (token %s) ignored: the task was reclaimed "
+            "while this run was cut off",
+            task_id,
+            token,
+            extra={"task_id": task_id, "token": token},
+        )
+        from .models import TaskQueue as _TaskQueue
+
+        stale_completion.send_robust(
+            sender=_TaskQueue,
+            task_id=task_id,
+            worker_id=identity.worker_id if identity else "",
+            token=token,
+            state=state,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# wiring
+
+
+def install_claim_hooks(sender: WorkController, **_: Any) -> None:
+    """``worker_init``: give every tracked task a ``before_start`` that claims it.
+
+    Done on the task classes before the pool starts, so prefork children inherit it and
+    Celery builds its tracers with it. A task's own ``before_start`` still runs after.
+    """
+    for task in sender.app.tasks.values():
+        if task.name.startswith(OWN_TASK_PREFIX):
+            continue
+        cls = type(task)
+        if cls.__dict__.get("_worker_health_claims"):
+            continue
+        current = cls.before_start if task_has_custom(task, "before_start") else None
+        cls._worker_health_original_before_start = current  # type: ignore[attr-defined]
+        cls.before_start = claim_before_start  # type: ignore[method-assign,assignment]
+        cls._worker_health_claims = True  # type: ignore[attr-defined]
