@@ -96,6 +96,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "polling_interval": 0.1,
     }
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "django-db")
+if os.environ.get("EXAMPLE_QUEUE"):
+    # The tests give every test a queue of its own on the shared Redis / RabbitMQ.
+    CELERY_TASK_DEFAULT_QUEUE = os.environ["EXAMPLE_QUEUE"]
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_TRACK_STARTED = True
 # Pickle only where asked for (the tests use it; Celery refuses it for root workers unless

@@ -1,0 +1,262 @@
+"""Real processes for integration tests: celery workers, beat and manage.py commands.
+
+A :class:`Stack` is one database + one broker. The worker processes run the example project
+(``example_project.settings``) pointed at the test database of the stack's alias and at a
+queue of the test's own, so nothing is shared between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from django.db import close_old_connections, connections
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = socket.gethostname()
+
+T = TypeVar("T")
+
+FAST = {
+    "WORKER_HEALTH_HEARTBEAT_INTERVAL": "1",
+    "WORKER_HEALTH_STALE_AFTER": "3",
+    "WORKER_HEALTH_CHECK_INTERVAL": "1",
+}
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float, interval: float = 0.2, what: str = ""
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        close_old_connections()
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}: "
+                                 f"last value {last!r}")
+        time.sleep(interval)
+
+
+def database_url(alias: str) -> str:
+    """URL of the *test* database behind ``alias`` (pytest-django has renamed it)."""
+    s = connections[alias].settings_dict
+    if s["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{s['NAME']}"
+    auth = s["USER"] or ""
+    if s.get("PASSWORD"):
+        auth += f":{s['PASSWORD']}"
+    host = s["HOST"] or "127.0.0.1"
+    port = s["PORT"] or 5432
+    return f"postgres://{auth}@{host}:{port}/{s['NAME']}"
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL the process and everything it started (pool children)."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(10)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """Warm shutdown (SIGTERM) and wait."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            return None
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class Stack:
+    """One database alias + one broker, with a queue of the test's own."""
+
+    name: str
+    alias: str
+    broker_url: str
+    workdir: Path
+    queue: str = field(default_factory=lambda: f"wh-test-{uuid.uuid4().hex[:10]}")
+    procs: list[Proc] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=lambda: dict(FAST))
+
+    # -- environment ------------------------------------------------------------------------
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("WORKER_HEALTH_", "CELERY_", "DJANGO_", "EXAMPLE_"))
+            or k.startswith("WORKER_HEALTH_TEST_")
+        }
+        env.update(
+            DJANGO_SETTINGS_MODULE="example_project.settings",
+            DATABASE_URL=database_url(self.alias),
+            CELERY_BROKER_URL=self.broker_url,
+            EXAMPLE_BROKER_DIR=str(self.workdir / "broker"),
+            EXAMPLE_VAR_DIR=str(self.workdir / "var"),
+            EXAMPLE_QUEUE=self.queue,
+            EXAMPLE_ACCEPT_PICKLE="1",
+            C_FORCE_ROOT="1",
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=str(ROOT),
+        )
+        env.update(self.settings)
+        env.update(extra)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], **env: str) -> Proc:
+        log_path = self.workdir / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - owned by the process
+        popen = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=self.env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill_group() gets the children
+        )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    # -- processes --------------------------------------------------------------------------
+    def worker(
+        self,
+        name: str,
+        *,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        wait: bool = True,
+        extra_args: Iterable[str] = (),
+        **env: str,
+    ) -> Proc:
+        node = f"{name}@{HOST}"
+        argv = [
+            sys.executable, "-m", "celery", "-A", "example_project", "worker",
+            "-n", node, "-P", pool, "-c", str(concurrency), "-Q", self.queue,
+            "--without-mingle", "--without-gossip", "-l", "info", *extra_args,
+        ]
+        proc = self._spawn(name, argv, **env)
+        if wait:
+            self.wait_registered(node, proc)
+        return proc
+
+    def beat(self, name: str = "beat", *, scheduler: str | None = None, **env: str) -> Proc:
+        argv = [
+            sys.executable, "-m", "celery", "-A", "example_project", "beat", "-l", "info",
+            "-s", str(self.workdir / "celerybeat-schedule"),
+        ]
+        if scheduler:
+            argv += ["--scheduler", scheduler]
+        return self._spawn(name, argv, **env)
+
+    def manage(self, *args: str, check: bool = True, timeout: float = 120, **env: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env(**env),
+            capture_output=True,
+            timeout=timeout,
+        )
+        out = result.stdout.decode()
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"manage.py {' '.join(args)} exited {result.returncode}:\n{out}\n"
+                f"{result.stderr.decode()}"
+            )
+        return out
+
+    def publish(self, task: str, count: int = 1, **options: Any) -> list[str]:
+        args = ["demo_publish", task, "--count", str(count)]
+        kwargs = options.pop("kwargs", None)
+        if kwargs is not None:
+            args += ["--kwargs", json.dumps(kwargs)]
+        for key, value in options.items():
+            args += [f"--{key}", str(value)]
+        out = self.manage(*args)
+        return list(json.loads(out.strip().splitlines()[-1]))
+
+    def wait_registered(self, node: str, proc: Proc | None = None, timeout: float = 60) -> None:
+        from worker_health.models import WorkerRegistry
+
+        def registered() -> bool:
+            if proc is not None and not proc.alive():
+                raise AssertionError(f"{node} exited early:\n{proc.log()[-4000:]}")
+            return (
+                WorkerRegistry.objects.using(self.alias)
+                .filter(worker_id=node, status="active")
+                .exists()
+            )
+
+        wait_for(registered, timeout, what=f"{node} to register")
+
+    def node(self, name: str) -> str:
+        return f"{name}@{HOST}"
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.alive():
+                proc.kill_group()
+        for proc in self.procs:
+            try:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        close_old_connections()
+        for conn in connections.all():
+            conn.close()
+        self.purge()
+
+    def purge(self) -> None:
+        if self.broker_url.startswith(("redis://", "amqp://")):
+            from kombu import Connection
+
+            try:
+                with Connection(self.broker_url, connect_timeout=5) as conn:
+                    channel = conn.channel()
+                    try:
+                        channel.queue_delete(self.queue)
+                    finally:
+                        channel.close()
+            except Exception:  # noqa: S110 - best effort clean-up of our own queue
+                pass
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name}\n{p.log()[-6000:]}" for p in self.procs)
