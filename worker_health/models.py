@@ -77,6 +77,12 @@ class WorkerRegistry(models.Model):
             ),
             models.Index(fields=["status", "status_changed_at"], name="wh_worker_status_idx"),
         ]
+        # the admin's actions, each behind its own permission
+        permissions = [
+            ("reclaim_worker_tasks", "Can reclaim a worker's tasks now"),
+            ("drain_worker", "Can mark a worker offline (drain)"),
+            ("delete_old_workers", "Can delete offline/failed workers older than N days"),
+        ]
 
     def __str__(self) -> str:
         return self.worker_id
@@ -146,6 +152,11 @@ class TaskQueue(models.Model):
             # retention: finished rows by age
             models.Index(fields=["status", "finished_at"], name="wh_task_finished_idx"),
             models.Index(fields=["status", "updated_at"], name="wh_task_status_idx"),
+        ]
+        permissions = [
+            # task arguments may hold personal data: shown only with this permission
+            ("view_task_arguments", "Can view task arguments"),
+            ("requeue_quarantined", "Can requeue quarantined tasks"),
         ]
 
     def __str__(self) -> str:
@@ -236,3 +247,13 @@ def event(
         task_id=task_id,
         details=details,
     )
+
+
+class HealthOverview(WorkerRegistry):
+    """The admin's overview page: a proxy with no table, so the admin index links to it."""
+
+    class Meta:
+        proxy = True
+        verbose_name = _("health overview")
+        verbose_name_plural = _("health overview")
+        default_permissions = ("view",)
