@@ -111,6 +111,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 for _name in ("HEARTBEAT_INTERVAL", "STALE_AFTER", "CHECK_INTERVAL"):
     if os.environ.get(f"WORKER_HEALTH_{_name}"):
         globals()[f"WORKER_HEALTH_{_name}"] = float(os.environ[f"WORKER_HEALTH_{_name}"])
+if os.environ.get("WORKER_HEALTH_TRACK_TASKS"):
+    WORKER_HEALTH_TRACK_TASKS = os.environ["WORKER_HEALTH_TRACK_TASKS"].split(",")
 if os.environ.get("WORKER_HEALTH_MAX_RECLAIMS"):
     WORKER_HEALTH_MAX_RECLAIMS = int(os.environ["WORKER_HEALTH_MAX_RECLAIMS"])
 

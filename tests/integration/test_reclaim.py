@@ -1,0 +1,243 @@
+"""No task lost when a worker dies: real workers, killed for real, effects counted.
+
+Every task records its effect in ``demo.Effect`` (unique on task id, with a run counter),
+so "ran exactly once" is checked on what the tasks did, not on what worker_health says.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+from django.db.models import Count, Q
+
+from example_project.demo.models import Effect
+from tests.integration.harness import Stack, wait_for
+from worker_health.models import EventKind, TaskQueue, WorkerEvent, WorkerRegistry
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.django_db(transaction=True, databases="__all__"),
+]
+
+#: STALE_AFTER + CHECK_INTERVAL with the fast settings, plus room for a loaded 2-core machine
+BOUND = 4.0
+MARGIN = 20.0
+
+
+def tasks(stack: Stack):  # type: ignore[no-untyped-def]
+    return TaskQueue.objects.using(stack.alias)
+
+
+def effects(stack: Stack):  # type: ignore[no-untyped-def]
+    return Effect.objects.using(stack.alias)
+
+
+def events(stack: Stack):  # type: ignore[no-untyped-def]
+    return WorkerEvent.objects.using(stack.alias)
+
+
+def wait_held(stack: Stack, node: str, running: int = 1, reserved: int = 1) -> None:
+    def held() -> bool:
+        qs = tasks(stack).filter(claimed_by__worker_id=node)
+        return (
+            qs.filter(status="claimed").count() >= running
+            and qs.filter(status="reserved").count() >= reserved
+        )
+
+    wait_for(held, 60, what=f"{node} to hold {running} running and {reserved} reserved tasks")
+
+
+def assert_each_ran_once(stack: Stack, ids: list[str], timeout: float) -> None:
+    def all_done() -> bool:
+        return effects(stack).filter(task_id__in=ids).count() == len(ids)
+
+    wait_for(all_done, timeout, what=f"all {len(ids)} tasks to take effect")
+    # let late duplicates (broker redeliveries, a second publish) show up if there were any
+    time.sleep(3)
+    runs = dict(effects(stack).filter(task_id__in=ids).values_list("task_id", "runs"))
+    assert {task_id: n for task_id, n in runs.items() if n != 1} == {}
+    wait_for(
+        lambda: tasks(stack).filter(task_id__in=ids, status="succeeded").count() == len(ids),
+        30,
+        what="every row succeeded",
+    )
+
+
+def test_sigkill_running_and_prefetched_tasks_run_exactly_once(stack: Stack) -> None:
+    victim = stack.worker("victim", concurrency=2)
+    ids = stack.publish("work", 16, kwargs={"seconds": 2.5})
+    wait_held(stack, stack.node("victim"), running=2, reserved=1)
+    survivor = stack.worker("survivor", concurrency=2, pool="threads")
+    held = set(
+        tasks(stack)
+        .filter(claimed_by__worker_id=stack.node("victim"), status__in=("claimed", "reserved"))
+        .values_list("task_id", flat=True)
+    )
+    victim.kill_group()
+    killed_at = time.monotonic()
+
+    wait_for(
+        lambda: WorkerRegistry.objects.using(stack.alias)
+        .filter(worker_id=stack.node("victim"), status="failed")
+        .exists(),
+        BOUND + MARGIN,
+        what="victim failed",
+    )
+    detected_after = time.monotonic() - killed_at
+    assert_each_ran_once(stack, ids, timeout=120)
+    reclaimed = set(
+        events(stack).filter(kind=EventKind.TASK_RECLAIMED).values_list("task_id", flat=True)
+    )
+    assert held, "the victim held nothing: the scenario did not test reclamation"
+    # everything the victim held and had not finished was reclaimed and ran on the survivor
+    unfinished_on_victim = held - set(
+        effects(stack).filter(worker=stack.node("victim")).values_list("task_id", flat=True)
+    )
+    assert unfinished_on_victim <= reclaimed
+    assert set(
+        effects(stack).filter(task_id__in=unfinished_on_victim).values_list("worker", flat=True)
+    ) <= {stack.node("survivor")}
+    assert survivor.alive()
+    print(f"[{stack.name}] detected after {detected_after:.1f} s")
+
+
+def test_restart_under_same_name_reclaims_at_once(stack: Stack) -> None:
+    # A long STALE_AFTER: only the restart fast path can explain a quick recovery.
+    stack.settings.update(WORKER_HEALTH_STALE_AFTER="60", WORKER_HEALTH_CHECK_INTERVAL="1")
+    victim = stack.worker("phoenix", concurrency=1)
+    ids = stack.publish("work", 3, kwargs={"seconds": 2})
+    wait_held(stack, stack.node("phoenix"), running=1, reserved=1)
+    victim.kill_group()
+    restarted_at = time.monotonic()
+    stack.worker("phoenix", concurrency=2)
+    assert_each_ran_once(stack, ids, timeout=40)
+    assert time.monotonic() - restarted_at < 40
+    assert events(stack).filter(kind=EventKind.WORKER_RESTARTED).exists()
+    assert events(stack).filter(kind=EventKind.TASK_RECLAIMED, details__reason="restarted").exists()
+    assert not events(stack).filter(kind=EventKind.WORKER_FAILED).exists()
+
+
+def test_poison_pill_is_quarantined_after_the_cap(stack: Stack) -> None:
+    stack.settings.update(WORKER_HEALTH_MAX_RECLAIMS="2")
+    stack.worker("p1", concurrency=2)
+    stack.worker("p2", concurrency=2)
+    poison = stack.publish("poison", 1)[0]
+    good = stack.publish("work", 6, kwargs={"seconds": 0.2})
+    wait_for(
+        lambda: tasks(stack).filter(task_id=poison, status="quarantined").exists(),
+        120,
+        what="the poison pill to be quarantined",
+    )
+    row = tasks(stack).get(task_id=poison)
+    assert row.reclaim_count == 3
+    assert len(row.lost_on) == 3
+    assert_each_ran_once(stack, good, timeout=60)
+    quarantined = events(stack).filter(kind=EventKind.TASK_QUARANTINED, task_id=poison)
+    assert quarantined.count() == 1
+    # it does not run again
+    attempts = effects(stack).filter(label="poison").count()
+    time.sleep(4)
+    assert effects(stack).filter(label="poison").count() == attempts == 3
+    from django_celery_results.models import TaskResult
+
+    result = wait_for(
+        lambda: TaskResult.objects.using(stack.alias).filter(task_id=poison, status="FAILURE").first(),
+        20,
+        what="TaskResult FAILURE",
+    )
+    assert "quarantined" in result.result and "died while running it 3 times" in result.result
+
+
+def test_zombie_completion_is_fenced(stack: Stack) -> None:
+    zombie = stack.worker("zombie", concurrency=1)
+    ids = stack.publish("work", 1, kwargs={"seconds": 8})
+    wait_for(
+        lambda: tasks(stack).filter(task_id=ids[0], status="claimed").exists(), 60, what="claim"
+    )
+    zombie.signal(signal.SIGSTOP)
+    stack.worker("healthy", concurrency=1)
+    try:
+        wait_for(
+            lambda: tasks(stack).filter(task_id=ids[0], status="succeeded").exists(),
+            60,
+            what="the reclaimed run to succeed on the healthy worker",
+        )
+    finally:
+        zombie.signal(signal.SIGCONT)
+    wait_for(
+        lambda: events(stack).filter(kind=EventKind.STALE_COMPLETION, task_id=ids[0]).exists(),
+        40,
+        what="the zombie's late completion to be fenced",
+    )
+    wait_for(
+        lambda: events(stack).filter(kind=EventKind.WORKER_RECOVERED).exists(), 20, what="recovery"
+    )
+    row = tasks(stack).get(task_id=ids[0])
+    assert row.status == "succeeded" and row.fencing_token == 2
+    assert row.claimed_by.worker_id == stack.node("healthy")
+
+
+def test_three_detectors_publish_each_task_once(stack: Stack) -> None:
+    # No heartbeat-thread sweeps from live workers here: only the three detectors race.
+    stack.settings.update(WORKER_HEALTH_STALE_AFTER="3", WORKER_HEALTH_CHECK_INTERVAL="1")
+    victim = stack.worker("held", concurrency=2)
+    ids = stack.publish("work", 8, kwargs={"seconds": 5})
+    wait_held(stack, stack.node("held"), running=2, reserved=1)
+    held = tasks(stack).filter(status__in=("claimed", "reserved")).count()
+    victim.kill_group()
+    time.sleep(4.5)  # stale by now; nobody swept (no live worker, no beat)
+    outputs: list[str] = []
+
+    def detect() -> None:
+        outputs.append(stack.manage("worker_health", "detect"))
+
+    threads = [threading.Thread(target=detect) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    per_task = (
+        events(stack)
+        .filter(kind=EventKind.TASK_RECLAIMED)
+        .values("task_id")
+        .annotate(n=Count("id"))
+    )
+    assert per_task.count() == held
+    assert {row["n"] for row in per_task} == {1}
+    assert events(stack).filter(kind=EventKind.WORKER_FAILED).count() == 1
+    stack.worker("after", concurrency=2, pool="threads")
+    assert_each_ran_once(stack, ids, timeout=90)
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_eta_and_serializers_survive_reclaim(sqlite_stack: Stack, serializer: str) -> None:
+    stack = sqlite_stack
+    victim = stack.worker("etaholder", concurrency=1)
+    ids = stack.publish("work", 3, kwargs={"seconds": 0.1}, countdown=8, serializer=serializer)
+    wait_for(
+        lambda: tasks(stack).filter(task_id__in=ids, status="reserved").count() == 3,
+        30,
+        what="ETA tasks reserved by the victim",
+    )
+    row = tasks(stack).get(task_id=ids[0])
+    assert row.content_type == (
+        "application/x-python-serialize" if serializer == "pickle" else "application/json"
+    )
+    assert row.eta is not None
+    victim.kill_group()
+    stack.worker("etasurvivor", concurrency=1)
+    assert_each_ran_once(stack, ids, timeout=60)
+    first = effects(stack).order_by("created_at").first()
+    assert first is not None and first.created_at >= row.eta, "ran before its ETA"
+
+
+def test_untracked_tasks_cost_no_write(sqlite_stack: Stack) -> None:
+    stack = sqlite_stack
+    stack.settings["WORKER_HEALTH_TRACK_TASKS"] = "example_project.demo.tasks.burn"
+    stack.worker("untracked", concurrency=1)
+    ids = stack.publish("work", 3, kwargs={"seconds": 0})
+    wait_for(lambda: effects(stack).filter(task_id__in=ids).count() == 3, 30, what="effects")
+    assert not tasks(stack).filter(Q(task_id__in=ids)).exists()
