@@ -1,0 +1,565 @@
+"""worker_health.querysets: every state transition, judged by the database's clock.
+
+Each test runs on SQLite and, when WORKER_HEALTH_TEST_DATABASE_URL is set, on PostgreSQL:
+the clock arithmetic is SQL and differs between the two.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.db import connections
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from tests.factories import (
+    ALIASES,
+    claimed_task,
+    delivery,
+    make_task,
+    make_worker,
+)
+from worker_health.models import DetectorState, TaskQueue, WorkerEvent, WorkerRegistry
+from worker_health.querysets import db_now_minus
+
+pytestmark = pytest.mark.django_db(databases="__all__")
+
+
+@pytest.fixture(params=ALIASES)
+def alias(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# --------------------------------------------------------------------------------------------
+# WorkerQuerySet
+
+
+def test_register_inserts_an_active_row_with_a_database_heartbeat(alias: str) -> None:
+    incarnation = uuid.uuid4()
+    registration = WorkerRegistry.objects.using(alias).register(
+        "w1@host", incarnation=incarnation, metadata={"pid": 1}, clock_skew=0.5
+    )
+    worker = WorkerRegistry.objects.using(alias).get(worker_id="w1@host")
+    assert registration.worker.pk == worker.pk
+    assert registration.previous_incarnation is None
+    assert registration.previous_status is None
+    assert worker.status == "active"
+    assert worker.incarnation == incarnation
+    assert worker.metadata == {"pid": 1}
+    assert worker.clock_skew == 0.5
+    assert worker.last_heartbeat is not None
+    assert worker.started_at is not None
+    # written with the database's clock: fresh by the database's own comparison
+    assert not WorkerRegistry.objects.using(alias).stale(60).exists()
+
+
+def test_register_again_with_the_same_incarnation_is_not_a_restart(alias: str) -> None:
+    incarnation = uuid.uuid4()
+    qs = WorkerRegistry.objects.using(alias)
+    qs.register("w1@host", incarnation=incarnation, metadata={})
+    again = qs.register("w1@host", incarnation=incarnation, metadata={})
+    assert again.previous_incarnation is None
+    assert qs.count() == 1
+
+
+def test_register_a_new_incarnation_takes_over_the_row(alias: str) -> None:
+    old = make_worker(alias, "w1@host", status="failed", heartbeat_age=500)
+    WorkerRegistry.objects.using(alias).filter(pk=old.pk).update(tasks_processed=42)
+    new_incarnation = uuid.uuid4()
+    registration = WorkerRegistry.objects.using(alias).register(
+        "w1@host", incarnation=new_incarnation, metadata={"pid": 2}
+    )
+    assert registration.previous_incarnation == old.incarnation
+    assert registration.previous_status == "failed"
+    worker = WorkerRegistry.objects.using(alias).get(pk=old.pk)  # same row, taken over
+    assert worker.status == "active"
+    assert worker.incarnation == new_incarnation
+    assert worker.tasks_processed == 0
+    assert worker.metadata == {"pid": 2}
+    assert not WorkerRegistry.objects.using(alias).stale(60).exists()
+    assert WorkerRegistry.objects.using(alias).count() == 1
+
+
+def test_beat_writes_the_heartbeat_and_the_counter(alias: str) -> None:
+    worker = make_worker(alias, heartbeat_age=300)
+    assert WorkerRegistry.objects.using(alias).stale(60).filter(pk=worker.pk).exists()
+    assert WorkerRegistry.objects.using(alias).beat(worker.worker_id, worker.incarnation, 7) == 1
+    worker.refresh_from_db(using=alias)
+    assert worker.tasks_processed == 7
+    assert not WorkerRegistry.objects.using(alias).stale(60).filter(pk=worker.pk).exists()
+
+
+def test_beat_of_another_incarnation_or_a_failed_worker_writes_nothing(alias: str) -> None:
+    worker = make_worker(alias, heartbeat_age=300)
+    qs = WorkerRegistry.objects.using(alias)
+    assert qs.beat(worker.worker_id, uuid.uuid4(), 1) == 0
+    qs.filter(pk=worker.pk).update(status="failed")
+    assert qs.beat(worker.worker_id, worker.incarnation, 1) == 0
+    worker.refresh_from_db(using=alias)
+    assert worker.tasks_processed == 0
+    assert worker.status == "failed"
+    # the heartbeat stayed old
+    assert qs.filter(pk=worker.pk, last_heartbeat__lt=db_now_minus(200)).exists()
+
+
+def test_recover_makes_a_failed_worker_active_again(alias: str) -> None:
+    worker = make_worker(alias, status="failed", heartbeat_age=300)
+    qs = WorkerRegistry.objects.using(alias)
+    assert qs.recover(worker.worker_id, worker.incarnation, 3) == 1
+    worker.refresh_from_db(using=alias)
+    assert worker.status == "active"
+    assert worker.tasks_processed == 3
+    assert not qs.stale(60).exists()
+    # already active: nothing to recover
+    assert qs.recover(worker.worker_id, worker.incarnation, 4) == 0
+
+
+def test_recover_ignores_another_incarnation(alias: str) -> None:
+    worker = make_worker(alias, status="offline")
+    assert WorkerRegistry.objects.using(alias).recover(worker.worker_id, uuid.uuid4(), 0) == 0
+    worker.refresh_from_db(using=alias)
+    assert worker.status == "offline"
+
+
+def test_mark_offline(alias: str) -> None:
+    worker = make_worker(alias)
+    qs = WorkerRegistry.objects.using(alias)
+    assert qs.mark_offline(worker.worker_id, uuid.uuid4()) == 0  # not our incarnation
+    assert qs.get(pk=worker.pk).status == "active"
+    assert qs.mark_offline(worker.worker_id, worker.incarnation) == 1
+    assert qs.get(pk=worker.pk).status == "offline"
+    assert qs.mark_offline(worker.worker_id) == 0  # already offline
+    other = make_worker(alias, "w2@host")
+    assert qs.mark_offline(other.worker_id) == 1  # an operator's drain: any incarnation
+
+
+def test_stale_uses_the_heartbeat_age_by_the_database_clock(alias: str) -> None:
+    old = make_worker(alias, "old@host", heartbeat_age=120)
+    make_worker(alias, "fresh@host", heartbeat_age=10)
+    make_worker(alias, "failed@host", status="failed", heartbeat_age=900)
+    make_worker(alias, "offline@host", status="offline", heartbeat_age=900)
+    qs = WorkerRegistry.objects.using(alias)
+    assert list(qs.stale(60).values_list("worker_id", flat=True)) == [old.worker_id]
+    assert set(qs.stale(5).values_list("worker_id", flat=True)) == {"old@host", "fresh@host"}
+    assert not qs.stale(300).exists()
+
+
+def test_stale_with_an_explicit_old_timestamp(alias: str) -> None:
+    worker = make_worker(alias)
+    qs = WorkerRegistry.objects.using(alias)
+    qs.filter(pk=worker.pk).update(last_heartbeat=timezone.now() - timedelta(hours=1))
+    assert qs.stale(60).filter(pk=worker.pk).exists()
+    assert not qs.stale(7200).filter(pk=worker.pk).exists()
+
+
+def test_stale_sub_second(alias: str) -> None:
+    worker = make_worker(alias, heartbeat_age=1.5)
+    qs = WorkerRegistry.objects.using(alias)
+    assert qs.stale(0.5).filter(pk=worker.pk).exists()
+    assert not qs.stale(30).filter(pk=worker.pk).exists()
+
+
+def test_fail_if_stale_fails_once(alias: str) -> None:
+    worker = make_worker(alias, heartbeat_age=120)
+    qs = WorkerRegistry.objects.using(alias)
+    assert qs.fail_if_stale(worker.pk, 60) is True
+    worker.refresh_from_db(using=alias)
+    assert worker.status == "failed"
+    assert worker.status_changed_at is not None
+    assert qs.fail_if_stale(worker.pk, 60) is False
+
+
+def test_fail_if_stale_spares_a_fresh_worker(alias: str) -> None:
+    worker = make_worker(alias, heartbeat_age=30)
+    qs = WorkerRegistry.objects.using(alias)
+    assert qs.fail_if_stale(worker.pk, 60) is False
+    assert qs.get(pk=worker.pk).status == "active"
+
+
+def test_fail_if_stale_loses_to_a_heartbeat_written_in_between(alias: str) -> None:
+    worker = make_worker(alias, heartbeat_age=120)
+    qs = WorkerRegistry.objects.using(alias)
+    candidates = list(qs.stale(60).values_list("pk", flat=True))
+    assert candidates == [worker.pk]
+    qs.beat(worker.worker_id, worker.incarnation, 1)  # the worker beats after the SELECT
+    assert qs.fail_if_stale(worker.pk, 60) is False
+    assert qs.get(pk=worker.pk).status == "active"
+
+
+def test_delete_inactive_older_than(alias: str) -> None:
+    qs = WorkerRegistry.objects.using(alias)
+    gone = make_worker(alias, "gone@host", status="offline")
+    recent = make_worker(alias, "recent@host", status="failed")
+    active = make_worker(alias, "active@host")
+    qs.filter(pk__in=[gone.pk, active.pk]).update(status_changed_at=db_now_minus(3 * 86400))
+    assert qs.delete_inactive_older_than(2) == 1
+    assert set(qs.values_list("worker_id", flat=True)) == {recent.worker_id, active.worker_id}
+
+
+# --------------------------------------------------------------------------------------------
+# TaskQuerySet.claim / finish / requeue_own
+
+
+def claim(alias: str, task_id: str, worker: WorkerRegistry) -> int | None:
+    return TaskQueue.objects.using(alias).claim(
+        task_id=task_id,
+        task_name="demo.tasks.work",
+        queue="celery",
+        worker_pk=worker.pk,
+        incarnation=worker.incarnation,
+    )
+
+
+def test_claim_of_an_unknown_task_creates_the_row(alias: str) -> None:
+    worker = make_worker(alias)
+    assert claim(alias, "t1", worker) == 1
+    task = TaskQueue.objects.using(alias).get(task_id="t1")
+    assert task.status == "claimed"
+    assert task.claimed_by_id == worker.pk
+    assert task.claimed_incarnation == worker.incarnation
+    assert task.fencing_token == 1
+    assert task.claimed_at is not None
+
+
+@pytest.mark.parametrize("status", ["queued", "reserved", "reclaiming"])
+def test_claim_of_a_claimable_row(alias: str, status: str) -> None:
+    worker = make_worker(alias)
+    make_task(alias, "t1", status=status, fencing_token=4, reclaim_lease=uuid.uuid4())
+    assert claim(alias, "t1", worker) == 5
+    task = TaskQueue.objects.using(alias).get(task_id="t1")
+    assert (task.status, task.claimed_by_id, task.fencing_token) == ("claimed", worker.pk, 5)
+    assert task.reclaim_lease is None
+
+
+def test_fencing_token_increases_with_every_claim(alias: str) -> None:
+    worker = make_worker(alias)
+    tokens = []
+    for _ in range(3):
+        token = claim(alias, "t1", worker)
+        assert token is not None
+        tokens.append(token)
+        assert TaskQueue.objects.using(alias).requeue_own("t1", token)
+    assert tokens == [1, 2, 3]
+
+
+def test_duplicate_claim_while_the_holder_is_alive_returns_none(alias: str) -> None:
+    holder = make_worker(alias, "holder@host")
+    other = make_worker(alias, "other@host")
+    assert claim(alias, "t1", holder) == 1
+    assert claim(alias, "t1", other) is None
+    assert claim(alias, "t1", holder) is None  # a redelivery to the holder itself
+    task = TaskQueue.objects.using(alias).get(task_id="t1")
+    assert (task.claimed_by_id, task.fencing_token) == (holder.pk, 1)
+
+
+def test_claim_of_a_task_held_by_a_failed_worker_succeeds(alias: str) -> None:
+    dead = make_worker(alias, "dead@host")
+    live = make_worker(alias, "live@host")
+    assert claim(alias, "t1", dead) == 1
+    WorkerRegistry.objects.using(alias).filter(pk=dead.pk).update(status="failed")
+    assert claim(alias, "t1", live) == 2
+    task = TaskQueue.objects.using(alias).get(task_id="t1")
+    assert (task.claimed_by_id, task.claimed_incarnation) == (live.pk, live.incarnation)
+
+
+def test_claim_of_a_task_held_by_an_old_incarnation_succeeds(alias: str) -> None:
+    worker = make_worker(alias, "w1@host")
+    assert claim(alias, "t1", worker) == 1
+    restarted = (
+        WorkerRegistry.objects.using(alias)
+        .register("w1@host", incarnation=uuid.uuid4(), metadata={})
+        .worker
+    )
+    assert claim(alias, "t1", restarted) == 2
+    task = TaskQueue.objects.using(alias).get(task_id="t1")
+    assert task.claimed_incarnation == restarted.incarnation
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "revoked", "quarantined"])
+def test_claim_of_a_finished_task_returns_none(alias: str, status: str) -> None:
+    worker = make_worker(alias)
+    make_task(alias, "t1", status=status, fencing_token=2)
+    assert claim(alias, "t1", worker) is None
+    task = TaskQueue.objects.using(alias).get(task_id="t1")
+    assert (task.status, task.fencing_token, task.claimed_by_id) == (status, 2, None)
+
+
+def test_finish_only_with_the_current_token(alias: str) -> None:
+    dead = make_worker(alias, "dead@host")
+    live = make_worker(alias, "live@host")
+    old_token = claim(alias, "t1", dead)
+    assert old_token == 1
+    WorkerRegistry.objects.using(alias).filter(pk=dead.pk).update(status="failed")
+    new_token = claim(alias, "t1", live)
+    assert new_token == 2
+    qs = TaskQueue.objects.using(alias)
+    assert qs.finish("t1", old_token, "succeeded") is False  # the cut-off run is fenced off
+    assert qs.get(task_id="t1").status == "claimed"
+    assert qs.finish("t1", new_token, "failed") is True
+    task = qs.get(task_id="t1")
+    assert task.status == "failed"
+    assert task.finished_at is not None
+    assert qs.finish("t1", new_token, "succeeded") is False  # finished once only
+
+
+def test_requeue_own(alias: str) -> None:
+    worker = make_worker(alias)
+    token = claim(alias, "t1", worker)
+    assert token == 1
+    qs = TaskQueue.objects.using(alias)
+    assert qs.requeue_own("t1", token + 1) is False
+    assert qs.get(task_id="t1").status == "claimed"
+    assert qs.requeue_own("t1", token) is True
+    task = qs.get(task_id="t1")
+    assert (task.status, task.claimed_by_id, task.claimed_incarnation) == ("queued", None, None)
+    assert task.fencing_token == 1
+    assert qs.requeue_own("t1", token) is False  # not claimed any more
+
+
+# --------------------------------------------------------------------------------------------
+# reserve, mark_revoked, record_published
+
+
+def test_reserve_stores_the_messages_and_the_hold_in_two_statements(alias: str) -> None:
+    worker = make_worker(alias)
+    deliveries = [delivery(f"t{i}", body=f"body-{i}".encode()) for i in range(3)]
+    with CaptureQueriesContext(connections[alias]) as ctx:
+        TaskQueue.objects.using(alias).reserve(deliveries, worker.pk, worker.incarnation)
+    statements = [
+        q["sql"]
+        for q in ctx.captured_queries
+        if not q["sql"].upper().startswith(("SAVEPOINT", "RELEASE"))
+    ]
+    assert len(statements) == 2, statements
+    rows = TaskQueue.objects.using(alias).order_by("task_id")
+    assert [(r.task_id, r.status, r.claimed_by_id) for r in rows] == [
+        (f"t{i}", "reserved", worker.pk) for i in range(3)
+    ]
+    first = rows[0]
+    assert bytes(first.body) == b"body-0"
+    assert first.claimed_incarnation == worker.incarnation
+    assert first.headers == {"id": "t0", "task": "demo.tasks.work"}
+    assert first.properties == {"correlation_id": "t0", "delivery_mode": 2}
+    assert first.content_type == "application/json"
+
+
+def test_reserve_nothing_runs_no_query(alias: str) -> None:
+    worker = make_worker(alias)
+    with CaptureQueriesContext(connections[alias]) as ctx:
+        TaskQueue.objects.using(alias).reserve([], worker.pk, worker.incarnation)
+    assert ctx.captured_queries == []
+
+
+def test_reserve_updates_the_message_but_not_a_running_or_finished_task(alias: str) -> None:
+    holder = make_worker(alias, "holder@host")
+    other = make_worker(alias, "other@host")
+    claimed_task(alias, "running", holder)
+    make_task(alias, "done", status="succeeded")
+    make_task(alias, "published", status="queued", body=None)  # publisher's row: no body
+    make_task(alias, "lost", status="reclaiming", reclaim_lease=uuid.uuid4())
+    TaskQueue.objects.using(alias).reserve(
+        [
+            delivery("running", body=b"v2"),
+            delivery("done", body=b"v2"),
+            delivery("published", body=b"v2"),
+            delivery("lost", body=b"v2"),
+        ],
+        other.pk,
+        other.incarnation,
+    )
+    qs = TaskQueue.objects.using(alias)
+    running = qs.get(task_id="running")
+    assert (running.status, running.claimed_by_id) == ("claimed", holder.pk)
+    assert qs.get(task_id="done").status == "succeeded"
+    published = qs.get(task_id="published")
+    assert (published.status, published.claimed_by_id) == ("reserved", other.pk)
+    assert bytes(published.body) == b"v2"  # the latest delivery is the one to publish again
+    lost = qs.get(task_id="lost")
+    assert (lost.status, lost.claimed_by_id, lost.reclaim_lease) == ("reserved", other.pk, None)
+
+
+def test_record_published_does_not_overwrite_a_workers_row(alias: str) -> None:
+    worker = make_worker(alias)
+    qs = TaskQueue.objects.using(alias)
+    qs.record_published(task_id="new", task_name="a.b", queue="q", eta=None, expires=None)
+    new = qs.get(task_id="new")
+    assert (new.status, new.task_name, new.queue, new.routing_key) == ("queued", "a.b", "q", "q")
+    claimed_task(alias, "t1", worker)
+    qs.record_published(task_id="t1", task_name="x", queue="other", eta=None, expires=None)
+    task = qs.get(task_id="t1")
+    assert (task.status, task.task_name, task.queue) == ("claimed", "demo.tasks.work", "celery")
+
+
+def test_mark_revoked(alias: str) -> None:
+    worker = make_worker(alias)
+    for status in ("queued", "reserved", "succeeded", "failed", "quarantined"):
+        make_task(alias, status, status=status)
+    claimed_task(alias, "claimed", worker)
+    qs = TaskQueue.objects.using(alias)
+    ids = ["queued", "reserved", "claimed", "succeeded", "failed", "quarantined", "unknown"]
+    assert qs.mark_revoked(ids) == 3
+    assert dict(qs.values_list("task_id", "status")) == {
+        "queued": "revoked",
+        "reserved": "revoked",
+        "claimed": "revoked",
+        "succeeded": "succeeded",
+        "failed": "failed",
+        "quarantined": "quarantined",
+    }
+    assert qs.filter(status="revoked", finished_at__isnull=False).count() == 3
+
+
+def test_mark_revoked_accepts_a_generator(alias: str) -> None:
+    make_task(alias, "t1")
+    assert TaskQueue.objects.using(alias).mark_revoked(t for t in ["t1"]) == 1
+
+
+def test_held_by_and_orphaned(alias: str) -> None:
+    alive = make_worker(alias, "alive@host")
+    dead = make_worker(alias, "dead@host")
+    claimed_task(alias, "a", alive)
+    claimed_task(alias, "d", dead)
+    make_task(alias, "q")
+    qs = TaskQueue.objects.using(alias)
+    assert list(qs.held_by(alive).values_list("task_id", flat=True)) == ["a"]
+    assert not qs.orphaned().exists()
+    WorkerRegistry.objects.using(alias).filter(pk=dead.pk).update(status="failed")
+    assert list(qs.orphaned().values_list("task_id", flat=True)) == ["d"]
+    # an old incarnation of a live name is an orphan too
+    WorkerRegistry.objects.using(alias).register(
+        "alive@host", incarnation=uuid.uuid4(), metadata={}
+    )
+    assert set(qs.orphaned().values_list("task_id", flat=True)) == {"a", "d"}
+
+
+def test_requeue_quarantined(alias: str) -> None:
+    make_task(alias, "q1", status="quarantined", reclaim_count=3, finished_at=timezone.now())
+    make_task(alias, "s1", status="succeeded")
+    qs = TaskQueue.objects.using(alias)
+    pks = list(qs.values_list("pk", flat=True))
+    assert qs.requeue_quarantined(pks) == [str(qs.get(task_id="q1").pk)]
+    task = qs.get(task_id="q1")
+    assert (task.status, task.reclaim_count, task.finished_at) == ("reclaiming", 0, None)
+    assert qs.get(task_id="s1").status == "succeeded"
+
+
+# --------------------------------------------------------------------------------------------
+# retention
+
+
+def test_delete_finished_in_batches(alias: str) -> None:
+    old = db_now_minus(10 * 86400)
+    for i in range(7):
+        make_task(alias, f"old{i}", status=("succeeded", "failed", "revoked", "quarantined")[i % 4])
+    make_task(alias, "recent", status="succeeded")
+    make_task(alias, "held", status="reserved")
+    make_task(alias, "queued", status="queued")
+    qs = TaskQueue.objects.using(alias)
+    qs.filter(task_id__startswith="old").update(finished_at=old)
+    qs.filter(task_id__in=["held", "queued"]).update(finished_at=old)  # not finished: kept
+    qs.filter(task_id="recent").update(finished_at=db_now_minus(3600))
+    with CaptureQueriesContext(connections[alias]) as ctx:
+        deleted = qs.delete_finished(timedelta(days=7), batch_size=3)
+    assert deleted == 7
+    deletes = [q for q in ctx.captured_queries if q["sql"].upper().startswith("DELETE")]
+    assert len(deletes) == 3  # 3 + 3 + 1
+    assert set(qs.values_list("task_id", flat=True)) == {"recent", "held", "queued"}
+    assert qs.delete_finished(timedelta(days=7), batch_size=3) == 0
+
+
+def test_delete_finished_keeps_rows_without_finished_at(alias: str) -> None:
+    make_task(alias, "t1", status="succeeded", finished_at=None)
+    assert TaskQueue.objects.using(alias).delete_finished(timedelta(seconds=1)) == 0
+
+
+def test_events_delete_older_than(alias: str) -> None:
+    events = WorkerEvent.objects.using(alias)
+    for i in range(5):
+        events.create(kind="worker_failed", worker_name=f"w{i}")
+    events.filter(worker_name__in=["w0", "w1", "w2"]).update(created_at=db_now_minus(9 * 86400))
+    assert events.delete_older_than(timedelta(days=7), batch_size=2) == 3
+    assert sorted(events.values_list("worker_name", flat=True)) == ["w3", "w4"]
+
+
+# --------------------------------------------------------------------------------------------
+# DetectorStateManager
+
+
+def detector(alias: str) -> DetectorState:
+    return DetectorState.objects.using(alias).get(pk=1)
+
+
+def set_detector(alias: str, *, last_sweep_age: float, observing_age: float) -> None:
+    DetectorState.objects.using(alias).filter(pk=1).update(
+        last_sweep_at=db_now_minus(last_sweep_age), observing_since=db_now_minus(observing_age)
+    )
+
+
+def test_first_sweep_lease_creates_the_row(alias: str) -> None:
+    manager = DetectorState.objects.db_manager(alias)
+    assert manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=False) is True
+    state = detector(alias)
+    assert state.last_sweep_by == "d1"
+    assert state.last_sweep_at is not None
+    assert state.observing_since is not None
+    assert not manager.observed_for(60)  # just started watching
+
+
+def test_sweep_lease_respects_spacing(alias: str) -> None:
+    manager = DetectorState.objects.db_manager(alias)
+    assert manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=False)
+    assert manager.take_sweep_lease("d2", spacing=10, outage_gap=60, force=False) is False
+    assert detector(alias).last_sweep_by == "d1"
+    set_detector(alias, last_sweep_age=11, observing_age=100)
+    assert manager.take_sweep_lease("d2", spacing=10, outage_gap=60, force=False) is True
+    assert detector(alias).last_sweep_by == "d2"
+    assert manager.take_sweep_lease("d3", spacing=10, outage_gap=60, force=False) is False
+
+
+def test_sweep_lease_force_ignores_spacing(alias: str) -> None:
+    manager = DetectorState.objects.db_manager(alias)
+    assert manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=False)
+    assert manager.take_sweep_lease("d2", spacing=10, outage_gap=60, force=True) is True
+    assert detector(alias).last_sweep_by == "d2"
+
+
+def test_sweeps_without_a_gap_keep_observing_since(alias: str) -> None:
+    manager = DetectorState.objects.db_manager(alias)
+    manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=False)
+    set_detector(alias, last_sweep_age=30, observing_age=500)
+    assert manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=False)
+    assert manager.observed_for(400)
+    assert not manager.observed_for(600)
+
+
+def test_a_gap_longer_than_outage_gap_restarts_observation(alias: str) -> None:
+    manager = DetectorState.objects.db_manager(alias)
+    manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=False)
+    set_detector(alias, last_sweep_age=90, observing_age=500)
+    assert manager.observed_for(400)
+    assert manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=False)
+    assert not manager.observed_for(1)
+    assert not manager.observed_for(60)
+
+
+def test_forced_sweep_after_a_gap_also_restarts_observation(alias: str) -> None:
+    manager = DetectorState.objects.db_manager(alias)
+    manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=False)
+    set_detector(alias, last_sweep_age=90, observing_age=500)
+    assert manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=True)
+    assert not manager.observed_for(60)
+
+
+def test_observed_for_without_a_row(alias: str) -> None:
+    assert DetectorState.objects.db_manager(alias).observed_for(0.001) is False
+
+
+def test_record_sweep_done(alias: str) -> None:
+    manager = DetectorState.objects.db_manager(alias)
+    manager.take_sweep_lease("d1", spacing=10, outage_gap=60, force=False)
+    manager.record_sweep_done(0.25)
+    state = detector(alias)
+    assert state.last_sweep_duration == 0.25
+    assert state.last_success_at is not None
