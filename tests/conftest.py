@@ -76,6 +76,36 @@ def sqlite_stack(transactional_db: None, workdir: Path) -> Iterator[Stack]:
     s.close()
 
 
+DB_STACKS = [STACKS[0], STACKS[1]]
+
+
+def _stack_with_logs(request: pytest.FixtureRequest, kind: str, workdir: Path) -> Iterator[Stack]:
+    s = make_stack(kind, workdir)
+    yield s
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(s.logs())
+    s.close()
+
+
+@pytest.fixture(params=DB_STACKS)
+def db_stack(
+    request: pytest.FixtureRequest, transactional_db: None, workdir: Path
+) -> Iterator[Stack]:
+    """One stack per database (sqlite-filesystem, postgres-redis): for behaviour that
+    depends on the database but not on the broker."""
+    yield from _stack_with_logs(request, request.param, workdir)
+
+
+@pytest.fixture
+def pg_stack(
+    request: pytest.FixtureRequest, transactional_db: None, workdir: Path
+) -> Iterator[Stack]:
+    """postgres-redis only: tests that need a network database (e.g. behind a TCP proxy)."""
+    if not (PG_URL and REDIS_URL):
+        pytest.skip("service test: WORKER_HEALTH_TEST_DATABASE_URL / _REDIS_URL not set")
+    yield from _stack_with_logs(request, "postgres-redis", workdir)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     rep = yield

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,17 +52,45 @@ def wait_for(
         time.sleep(interval)
 
 
-def database_url(alias: str) -> str:
-    """URL of the *test* database behind ``alias`` (pytest-django has renamed it)."""
+def database_url(alias: str, *, host: str | None = None, port: int | None = None) -> str:
+    """URL of the *test* database behind ``alias`` (pytest-django has renamed it).
+
+    ``host`` / ``port`` replace the server's address (PostgreSQL only), e.g. to send a
+    process's connections through a TCP proxy the test owns.
+    """
     s = connections[alias].settings_dict
     if s["ENGINE"].endswith("sqlite3"):
         return f"sqlite:///{s['NAME']}"
     auth = s["USER"] or ""
     if s.get("PASSWORD"):
         auth += f":{s['PASSWORD']}"
-    host = s["HOST"] or "127.0.0.1"
-    port = s["PORT"] or 5432
+    host = host or s["HOST"] or "127.0.0.1"
+    port = port or s["PORT"] or 5432
     return f"postgres://{auth}@{host}:{port}/{s['NAME']}"
+
+
+def database_address(alias: str) -> tuple[str, int]:
+    """(host, port) of the PostgreSQL server behind ``alias``."""
+    s = connections[alias].settings_dict
+    return s["HOST"] or "127.0.0.1", int(s["PORT"] or 5432)
+
+
+def db_now(alias: str) -> datetime:
+    """The database server's current time (aware, UTC): the clock heartbeats are judged by."""
+    conn = connections[alias]
+    sql = (
+        "SELECT STRFTIME('%Y-%m-%d %H:%M:%f', 'now')"
+        if conn.vendor == "sqlite"
+        else "SELECT CURRENT_TIMESTAMP"
+    )
+    with conn.cursor() as cursor:
+        cursor.execute(sql)
+        value = cursor.fetchone()[0]
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value
 
 
 @dataclass
@@ -83,6 +112,17 @@ class Proc:
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:
             os.kill(self.popen.pid, sig)
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the process and everything it started (e.g. SIGSTOP / SIGCONT)."""
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def count(self, text: str) -> int:
+        """How many lines of the log contain ``text``."""
+        return sum(1 for line in self.log().splitlines() if text in line)
 
     def kill_group(self) -> None:
         """SIGKILL the process and everything it started (pool children)."""
@@ -116,6 +156,8 @@ class Stack:
     queue: str = field(default_factory=lambda: f"wh-test-{uuid.uuid4().hex[:10]}")
     procs: list[Proc] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=lambda: dict(FAST))
+    #: more queues of the test's own (see :meth:`new_queue`), deleted by :meth:`purge`
+    extra_queues: list[str] = field(default_factory=list)
 
     # -- environment ------------------------------------------------------------------------
     def env(self, **extra: str) -> dict[str, str]:
@@ -141,6 +183,16 @@ class Stack:
         env.update(extra)
         return env
 
+    def new_queue(self, label: str) -> str:
+        """Another queue of the test's own (e.g. one per worker), purged at the end."""
+        queue = f"{self.queue}-{label}"
+        self.extra_queues.append(queue)
+        return queue
+
+    def spawn(self, name: str, argv: list[str], **env: str) -> Proc:
+        """Start any command in the stack's environment; killed by :meth:`close`."""
+        return self._spawn(name, argv, **env)
+
     def _spawn(self, name: str, argv: list[str], **env: str) -> Proc:
         log_path = self.workdir / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - owned by the process
@@ -165,12 +217,16 @@ class Stack:
         concurrency: int = 2,
         wait: bool = True,
         extra_args: Iterable[str] = (),
+        queues: Iterable[str] | None = None,
         **env: str,
     ) -> Proc:
+        """Start ``celery worker`` named ``name@host``, consuming the stack's queue (or
+        ``queues``); ``env`` overrides environment variables (e.g. ``DATABASE_URL``)."""
         node = f"{name}@{HOST}"
         argv = [
             sys.executable, "-m", "celery", "-A", "example_project", "worker",
-            "-n", node, "-P", pool, "-c", str(concurrency), "-Q", self.queue,
+            "-n", node, "-P", pool, "-c", str(concurrency),
+            "-Q", ",".join(queues) if queues is not None else self.queue,
             "--without-mingle", "--without-gossip", "-l", "info", *extra_args,
         ]
         proc = self._spawn(name, argv, **env)
@@ -203,14 +259,18 @@ class Stack:
             )
         return out
 
-    def publish(self, task: str, count: int = 1, **options: Any) -> list[str]:
+    def publish(
+        self, task: str, count: int = 1, *, queue: str | None = None, **options: Any
+    ) -> list[str]:
+        """Publish demo tasks (to the stack's queue, or ``queue``); returns their ids."""
         args = ["demo_publish", task, "--count", str(count)]
         kwargs = options.pop("kwargs", None)
         if kwargs is not None:
             args += ["--kwargs", json.dumps(kwargs)]
         for key, value in options.items():
             args += [f"--{key}", str(value)]
-        out = self.manage(*args)
+        env = {"EXAMPLE_QUEUE": queue} if queue else {}
+        out = self.manage(*args, **env)
         return list(json.loads(out.strip().splitlines()[-1]))
 
     def wait_registered(self, node: str, proc: Proc | None = None, timeout: float = 60) -> None:
@@ -229,6 +289,22 @@ class Stack:
 
     def node(self, name: str) -> str:
         return f"{name}@{HOST}"
+
+    def row(self, name: str) -> Any:
+        """The ``WorkerRegistry`` row of worker ``name`` (a short name or a node name)."""
+        from worker_health.models import WorkerRegistry
+
+        node = name if "@" in name else self.node(name)
+        return WorkerRegistry.objects.using(self.alias).get(worker_id=node)
+
+    def events(self, kind: str, name: str | None = None) -> Any:
+        """``WorkerEvent`` rows of ``kind`` (of worker ``name`` if given), oldest first."""
+        from worker_health.models import WorkerEvent
+
+        qs = WorkerEvent.objects.using(self.alias).filter(kind=kind)
+        if name is not None:
+            qs = qs.filter(worker_name=name if "@" in name else self.node(name))
+        return qs.order_by("created_at", "id")
 
     def close(self) -> None:
         for proc in self.procs:
@@ -250,12 +326,19 @@ class Stack:
 
             try:
                 with Connection(self.broker_url, connect_timeout=5) as conn:
-                    channel = conn.channel()
-                    try:
-                        channel.queue_delete(self.queue)
-                    finally:
-                        channel.close()
-            except Exception:  # noqa: S110 - best effort clean-up of our own queue
+                    for queue in [self.queue, *self.extra_queues]:
+                        # A channel per queue: AMQP closes the channel on any error.
+                        channel = conn.channel()
+                        try:
+                            channel.queue_delete(queue)
+                        except Exception:  # noqa: S110 - best effort
+                            pass
+                        finally:
+                            try:
+                                channel.close()
+                            except Exception:  # noqa: S110 - best effort
+                                pass
+            except Exception:  # noqa: S110 - best effort clean-up of our own queues
                 pass
 
     def logs(self) -> str:
