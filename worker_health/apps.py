@@ -16,6 +16,7 @@ class WorkerHealthConfig(AppConfig):
         from . import beat, checks, heartbeat, tasks, tracking  # noqa: F401 - registers tasks
 
         django_checks.register(checks.check_settings, "worker_health")
+        django_checks.register(checks.check_alert_and_endpoint_settings, "worker_health")
 
         connections = [
             (celery_signals.worker_init, checks.on_worker_init, "checks.worker_init"),
@@ -31,3 +32,8 @@ class WorkerHealthConfig(AppConfig):
         for signal, receiver, uid in connections:
             signal.connect(receiver, weak=False, dispatch_uid=f"worker_health.{uid}")
         beat.install_everywhere()
+
+        from . import notifiers
+
+        for signal, receiver, uid in notifiers.signal_receivers():
+            signal.connect(receiver, weak=False, dispatch_uid=f"worker_health.alerts.{uid}")

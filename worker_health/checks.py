@@ -113,3 +113,59 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         )
 
 
+
+
+def check_alert_and_endpoint_settings(
+    app_configs: Sequence[Any] | None = None, **_: Any
+) -> list[checks.CheckMessage]:
+    """The alert notifiers and the endpoints' settings (E010 - E016)."""
+    from django.utils.module_loading import import_string
+
+    errors: list[checks.CheckMessage] = []
+    try:
+        specs = settings.NOTIFIERS
+    except ImproperlyConfigured as exc:
+        specs = ()
+        errors.append(checks.Error(str(exc), id="worker_health.E010", hint=_NOTIFIERS_HINT))
+    for path, options in specs:
+        try:
+            notifier_class = import_string(path)
+        except ImportError as exc:
+            errors.append(
+                checks.Error(
+                    f"{PREFIX}NOTIFIERS: cannot import {path!r} ({exc}).",
+                    hint=_NOTIFIERS_HINT,
+                    id="worker_health.E011",
+                )
+            )
+            continue
+        try:
+            notifier_class(**options)
+        except Exception as exc:
+            errors.append(
+                checks.Error(
+                    f"{PREFIX}NOTIFIERS: {path} rejects its options {sorted(options)}: {exc}",
+                    hint=_NOTIFIERS_HINT,
+                    id="worker_health.E011",
+                )
+            )
+    for name, error_id, hint in (
+        ("ALERT_ON", "worker_health.E012", "e.g. ['worker_failed', 'task_quarantined']."),
+        ("ALERT_RATE_LIMIT", "worker_health.E013", "A whole number of alerts such as 10."),
+        ("ALERT_WINDOW", "worker_health.E014", _SECONDS_HINT),
+        ("API_TOKEN", "worker_health.E015", "A long random string, e.g. from "
+         "secrets.token_urlsafe(32), read from the environment; or None."),
+        ("MIN_ACTIVE_WORKERS", "worker_health.E016", "A whole number such as 1."),
+        ("READY_PUBLIC", "worker_health.E017", "True or False."),
+    ):
+        try:
+            getattr(settings, name)
+        except ImproperlyConfigured as exc:
+            errors.append(checks.Error(str(exc), id=error_id, hint=hint))
+    return errors
+
+
+_NOTIFIERS_HINT = (
+    "A list such as ['worker_health.notifiers.LoggingNotifier', {'class': "
+    "'worker_health.notifiers.WebhookNotifier', 'url': 'https://...'}]."
+)

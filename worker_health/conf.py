@@ -126,5 +126,111 @@ class Settings:
         """Longest wait between two heartbeat attempts while the database is unreachable."""
         return max(0.05, min(self.HEARTBEAT_INTERVAL / 2, 2.0))
 
+    # -- alerts and endpoints ------------------------------------------------------------------
+
+    @property
+    def NOTIFIERS(self) -> tuple[tuple[str, dict[str, Any]], ...]:
+        """Alert notifiers as ``(dotted path, options)``; none by default.
+
+        Each item is a dotted path, or a dict ``{"class": "dotted.path", **options}``.
+        """
+        value = self.raw("NOTIFIERS", ())
+        if value is None:
+            return ()
+        if isinstance(value, (str, dict)) or not isinstance(value, Sequence):
+            raise ImproperlyConfigured(
+                f"{PREFIX}NOTIFIERS must be a list of dotted paths or of dicts with a "
+                f"'class' key, got {value!r}"
+            )
+        specs: list[tuple[str, dict[str, Any]]] = []
+        for item in value:
+            if isinstance(item, str) and item:
+                specs.append((item, {}))
+            elif isinstance(item, dict) and isinstance(item.get("class"), str) and item["class"]:
+                options = {k: v for k, v in item.items() if k != "class"}
+                specs.append((item["class"], options))
+            else:
+                raise ImproperlyConfigured(
+                    f"{PREFIX}NOTIFIERS: each item must be a dotted path or a dict with a "
+                    f"'class' key, got {item!r}"
+                )
+        return tuple(specs)
+
+    @property
+    def ALERT_ON(self) -> frozenset[str]:
+        """The signals that raise an alert (names from :mod:`worker_health.signals`)."""
+        value = self.raw("ALERT_ON", DEFAULT_ALERT_ON)
+        if isinstance(value, str) or not isinstance(value, (Sequence, set, frozenset)):
+            raise ImproperlyConfigured(
+                f"{PREFIX}ALERT_ON must be a list of signal names, got {value!r}"
+            )
+        unknown = sorted(str(v) for v in value if v not in ALERT_SIGNALS)
+        if unknown:
+            raise ImproperlyConfigured(
+                f"{PREFIX}ALERT_ON: unknown signal name(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(ALERT_SIGNALS)}"
+            )
+        return frozenset(value)
+
+    @property
+    def ALERT_RATE_LIMIT(self) -> int:
+        """At most this many alerts per ``ALERT_WINDOW``; the rest are sent as one summary."""
+        value = self.raw("ALERT_RATE_LIMIT", DEFAULT_ALERT_RATE_LIMIT)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ImproperlyConfigured(
+                f"{PREFIX}ALERT_RATE_LIMIT must be a whole number >= 1, got {value!r}"
+            )
+        return value
+
+    @property
+    def ALERT_WINDOW(self) -> float:
+        """Seconds of the alert rate limit's window."""
+        return self._seconds("ALERT_WINDOW", DEFAULT_ALERT_WINDOW)
+
+    @property
+    def API_TOKEN(self) -> str | None:
+        """Bearer token accepted by the JSON and metrics endpoints; ``None`` disables tokens."""
+        value = self.raw("API_TOKEN", None)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ImproperlyConfigured(
+                f"{PREFIX}API_TOKEN must be a non-empty string or None, got a "
+                f"{type(value).__name__}"
+            )
+        return value
+
+    @property
+    def MIN_ACTIVE_WORKERS(self) -> int:
+        """The readiness endpoint answers 200 when at least this many workers are live."""
+        value = self.raw("MIN_ACTIVE_WORKERS", 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ImproperlyConfigured(
+                f"{PREFIX}MIN_ACTIVE_WORKERS must be a whole number >= 0, got {value!r}"
+            )
+        return value
+
+    @property
+    def READY_PUBLIC(self) -> bool:
+        """Whether the readiness endpoint answers without authentication."""
+        value = self.raw("READY_PUBLIC", False)
+        if not isinstance(value, bool):
+            raise ImproperlyConfigured(f"{PREFIX}READY_PUBLIC must be True or False, got {value!r}")
+        return value
+
+
+#: the signals an alert can be raised on
+ALERT_SIGNALS = (
+    "worker_registered",
+    "worker_failed",
+    "worker_recovered",
+    "worker_offline",
+    "task_reclaimed",
+    "task_quarantined",
+    "stale_completion",
+)
+DEFAULT_ALERT_ON = ("worker_failed", "task_quarantined")
+DEFAULT_ALERT_RATE_LIMIT = 10
+DEFAULT_ALERT_WINDOW = 300.0
 
 settings = Settings()
