@@ -1,0 +1,323 @@
+"""Heartbeats of real workers: registration, liveness under load, database outages.
+
+Workers run as real ``celery worker`` processes (see :mod:`tests.integration.harness`) with
+the fast settings: heartbeat 1 s, stale after 3 s, detector sweep every 1 s. Every wait is a
+deadline loop (``wait_for``); times are read from the database's clock.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import celery
+import pytest
+from celery.concurrency import get_implementation
+from django.db.models import Count
+
+from example_project.demo.models import Effect
+from tests.integration.harness import (
+    HOST,
+    Proc,
+    Stack,
+    database_address,
+    database_url,
+    db_now,
+    wait_for,
+)
+from tests.integration.tcp_proxy import TcpProxy
+from worker_health.models import DetectorState, EventKind, TaskQueue, WorkerRegistry
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.django_db(transaction=True, databases="__all__"),
+]
+
+HEARTBEAT = 1.0
+STALE_AFTER = 3.0
+CHECK_INTERVAL = 1.0
+#: generous deadline for things promised within STALE_AFTER + CHECK_INTERVAL (< 5 s)
+BOUND = 15.0
+
+#: (pool, concurrency) of the pools a worker_health worker must support
+POOLS = [("prefork", 2), ("threads", 3), ("solo", 1)]
+
+HEARTBEAT_DOWN = "cannot write heartbeat"
+HEARTBEAT_BACK = "database reachable again"
+
+
+def start_pool_workers(stack: Stack, **env: str) -> dict[str, tuple[Proc, str]]:
+    """One worker per pool, each on a queue of its own; named after its pool."""
+    started: dict[str, tuple[Proc, str]] = {}
+    for pool, concurrency in POOLS:
+        queue = stack.new_queue(pool)
+        proc = stack.worker(
+            pool, pool=pool, concurrency=concurrency, queues=[queue], wait=False, **env
+        )
+        started[pool] = (proc, queue)
+    for pool, (proc, _) in started.items():
+        stack.wait_registered(stack.node(pool), proc)
+    return started
+
+
+class HeartbeatLog:
+    """The distinct ``last_heartbeat`` values seen per worker, sampled by the test."""
+
+    def __init__(self, stack: Stack, names: list[str]) -> None:
+        self.stack = stack
+        self.nodes = [stack.node(name) for name in names]
+        self.seen: dict[str, list[datetime]] = {node: [] for node in self.nodes}
+
+    def sample(self) -> dict[str, WorkerRegistry]:
+        rows = {
+            row.worker_id: row
+            for row in WorkerRegistry.objects.using(self.stack.alias).filter(
+                worker_id__in=self.nodes
+            )
+        }
+        for node, row in rows.items():
+            beats = self.seen[node]
+            if row.last_heartbeat is not None and (not beats or row.last_heartbeat != beats[-1]):
+                beats.append(row.last_heartbeat)
+        return rows
+
+    def advanced(self, times: int) -> bool:
+        self.sample()
+        return all(len(beats) > times for beats in self.seen.values())
+
+
+# --------------------------------------------------------------------------------------------
+# 1. registration
+
+
+def test_registration_metadata_and_heartbeats(stack: Stack) -> None:
+    """Every pool registers with its metadata; heartbeats advance by the database's clock
+    and carry the number of tasks processed."""
+    workers = start_pool_workers(stack)
+
+    for pool, concurrency in POOLS:
+        proc, queue = workers[pool]
+        row = stack.row(pool)
+        assert row.status == "active"
+        assert row.tasks_processed == 0
+        assert row.started_at is not None
+        meta = row.metadata
+        assert meta["host"] == HOST
+        assert meta["pid"] == proc.pid, "the worker's main process registers"
+        # the -P name ("threads") or, as Celery's banner shows it, the module ("thread")
+        assert meta["pool"] in {pool, get_implementation(pool).__module__.rsplit(".", 1)[-1]}
+        assert meta["concurrency"] == concurrency
+        assert meta["queues"] == [queue]
+        assert meta["celery_version"] == celery.__version__
+        assert meta["python_version"] == platform.python_version()
+        assert meta["incarnation"] == str(row.incarnation)
+        registered = stack.events(EventKind.WORKER_REGISTERED, pool)
+        assert registered.count() == 1
+        assert registered.get().details["incarnation"] == str(row.incarnation)
+    incarnations = {stack.row(pool).incarnation for pool, _ in POOLS}
+    assert len(incarnations) == len(POOLS), "each start of a worker has its own incarnation"
+
+    # Heartbeats advance, written with the database's clock (never ahead of it).
+    log = HeartbeatLog(stack, [pool for pool, _ in POOLS])
+    wait_for(lambda: log.advanced(3), BOUND, what="three more heartbeats of every worker")
+    now = db_now(stack.alias)
+    for node, beats in log.seen.items():
+        assert beats == sorted(beats), f"{node}: heartbeats went backwards: {beats}"
+        assert beats[-1] <= now + timedelta(seconds=0.01), f"{node}: heartbeat in the future"
+        gaps = [(b - a).total_seconds() for a, b in zip(beats, beats[1:])]
+        assert all(0 < gap < STALE_AFTER for gap in gaps), f"{node}: heartbeat gaps {gaps}"
+
+    # tasks_processed catches up with what each worker ran.
+    counts = {"prefork": 5, "threads": 4, "solo": 3}
+    for pool, count in counts.items():
+        stack.publish("work", count, queue=workers[pool][1])
+
+    def effects_by_worker() -> dict[str, int]:
+        return dict(
+            Effect.objects.using(stack.alias)
+            .values_list("worker")
+            .annotate(n=Count("id"))
+            .values_list("worker", "n")
+        )
+
+    expected = {stack.node(pool): n for pool, n in counts.items()}
+    wait_for(lambda: effects_by_worker() == expected, 60, what="every task to run")
+
+    def processed() -> dict[str, int]:
+        return dict(
+            WorkerRegistry.objects.using(stack.alias).values_list("worker_id", "tasks_processed")
+        )
+
+    wait_for(lambda: processed() == expected, BOUND, what=f"tasks_processed == {expected}")
+    assert set(
+        WorkerRegistry.objects.using(stack.alias).values_list("status", flat=True)
+    ) == {"active"}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. busy workers
+
+
+def test_busy_workers_stay_active(stack: Stack) -> None:
+    """Every slot of every pool runs a CPU-bound task for 2.5 x STALE_AFTER: nobody is
+    failed and heartbeats keep coming while the tasks run."""
+    workers = start_pool_workers(stack)
+    burn_seconds = 2.5 * STALE_AFTER
+    ids: list[str] = []
+    for pool, concurrency in POOLS:
+        ids += stack.publish(
+            "burn", concurrency, queue=workers[pool][1], kwargs={"seconds": burn_seconds}
+        )
+    slots = sum(concurrency for _, concurrency in POOLS)
+    tracked = TaskQueue.objects.using(stack.alias).filter(task_id__in=ids)
+
+    # Every slot busy...
+    wait_for(
+        lambda: tracked.filter(status="claimed").count() == slots,
+        60,
+        what=f"all {slots} slots to run a burn task",
+    )
+    busy_since = time.monotonic()
+    log = HeartbeatLog(stack, [pool for pool, _ in POOLS])
+    log.sample()
+    # ...and heartbeats advance while they are (sampled until the first task ends).
+    while tracked.filter(status="claimed").count() == slots:
+        log.sample()
+        time.sleep(0.2)
+    busy_for = time.monotonic() - busy_since
+    assert busy_for > STALE_AFTER, f"the tasks ran only {busy_for:.1f} s"
+    for node, beats in log.seen.items():
+        # a worker whose heart stopped would show one value (or a few, seen before it stopped)
+        assert len(beats) >= 3, f"{node} beat {len(beats)} times in {busy_for:.1f} s of work"
+
+    wait_for(
+        lambda: tracked.filter(status="succeeded").count() == len(ids),
+        60,
+        what="every burn task to succeed",
+    )
+    assert stack.events(EventKind.WORKER_FAILED).count() == 0
+    assert stack.events(EventKind.WORKER_RECOVERED).count() == 0
+    statuses = dict(WorkerRegistry.objects.using(stack.alias).values_list("worker_id", "status"))
+    assert statuses == {stack.node(pool): "active" for pool, _ in POOLS}
+    for proc, _ in workers.values():
+        assert proc.alive()
+
+
+# --------------------------------------------------------------------------------------------
+# 6. database outage
+
+
+@pytest.fixture
+def db_proxies(pg_stack: Stack) -> Iterator[tuple[TcpProxy, TcpProxy]]:
+    host, port = database_address(pg_stack.alias)
+    with TcpProxy(host, port) as first, TcpProxy(host, port) as second:
+        yield first, second
+
+
+def test_database_outage_is_survived(
+    pg_stack: Stack, db_proxies: tuple[TcpProxy, TcpProxy]
+) -> None:
+    """Workers whose database goes away for 3 x STALE_AFTER (twice) keep running, warn once
+    per outage, beat again afterwards and are not declared failed.
+
+    Every process that could sweep (the workers' heartbeat threads) goes through a proxy, so
+    during the outage no detector can see the database. ``late`` gets its database back a
+    second after the others: without the outage guard, the first sweep after the outage
+    would fail it at once (its last heartbeat is 9 s old).
+    """
+    stack = pg_stack
+    main, late_proxy = db_proxies
+    names = ["prefork", "threads", "late"]
+    procs = {
+        "prefork": stack.worker(
+            "prefork", pool="prefork", DATABASE_URL=database_url(stack.alias, port=main.port)
+        ),
+        "threads": stack.worker(
+            "threads", pool="threads", DATABASE_URL=database_url(stack.alias, port=main.port)
+        ),
+        "late": stack.worker(
+            "late", pool="solo", DATABASE_URL=database_url(stack.alias, port=late_proxy.port)
+        ),
+    }
+    assert main.accepted > 0 and late_proxy.accepted > 0, "the workers use the proxies"
+    # Tasks before the outage: the pool processes hold database connections through it.
+    ids = stack.publish("work", 6)
+    succeeded = TaskQueue.objects.using(stack.alias).filter(status="succeeded")
+    wait_for(lambda: succeeded.count() == 6, 60, what="tasks before the outage to succeed")
+    log = HeartbeatLog(stack, names)
+    wait_for(lambda: log.advanced(1), BOUND, what="heartbeats before the outage")
+    # a detector has been watching for a while: failures would be possible right away
+    wait_for(
+        lambda: stack.events(EventKind.WORKER_REGISTERED).count() == 3,
+        BOUND,
+        what="registrations",
+    )
+
+    for outage in (1, 2):
+        log.sample()
+        before = {node: beats[-1] for node, beats in log.seen.items()}
+        main.cut()
+        late_proxy.cut()
+        cut_at = time.monotonic()
+
+        def warned(outage: int = outage) -> bool:
+            return all(procs[n].count(HEARTBEAT_DOWN) >= outage for n in names)
+
+        wait_for(warned, BOUND, what=f"every worker to notice outage {outage}")
+        # the outage lasts 3 x STALE_AFTER: heartbeats are stale by any measure
+        while time.monotonic() - cut_at < 3 * STALE_AFTER:
+            assert all(p.alive() for p in procs.values()), stack.logs()
+            time.sleep(0.2)
+        assert main.refused > 0, "the workers kept trying during the outage"
+        main.restore()
+        # the late worker gets its database back 1 s after the detectors (< STALE_AFTER)
+        time.sleep(1.0)
+        late_proxy.restore()
+
+        def resumed(before: dict[str, datetime] = before) -> bool:
+            rows = log.sample()
+            return all(
+                rows[node].status == "active" and rows[node].last_heartbeat > before[node]
+                for node in log.nodes
+            )
+
+        wait_for(resumed, BOUND, what=f"heartbeats to resume after outage {outage}")
+        # The guard holds until the detector has watched for STALE_AFTER again; by then a
+        # wrongly failed worker would be visible. Wait for a sweep past that point.
+        restored_at = db_now(stack.alias)
+        wait_for(
+            lambda: DetectorState.objects.using(stack.alias)
+            .filter(pk=1, last_sweep_at__gt=restored_at + timedelta(seconds=STALE_AFTER + 1))
+            .exists(),
+            BOUND,
+            what="a sweep more than STALE_AFTER after the outage",
+        )
+        assert stack.events(EventKind.WORKER_FAILED).count() == 0, stack.logs()
+        assert stack.events(EventKind.WORKER_RECOVERED).count() == 0
+        for name in names:
+            proc = procs[name]
+            assert proc.alive()
+            # once per outage, not once per attempt (attempts are every <= 0.5 s)
+            assert proc.count(HEARTBEAT_DOWN) == outage, proc.log()[-3000:]
+            wait_for(
+                lambda proc=proc, outage=outage: proc.count(HEARTBEAT_BACK) == outage,
+                BOUND,
+                what=f"{name} to log that the database is back",
+            )
+
+    # The workers still do their job: tasks run and are tracked to the end.
+    ids = stack.publish("work", 6)
+    wait_for(
+        lambda: Effect.objects.using(stack.alias).filter(task_id__in=ids).count() == len(ids),
+        60,
+        what="tasks published after the outages to run",
+    )
+    wait_for(
+        lambda: succeeded.filter(task_id__in=ids).count() == len(ids),
+        BOUND,
+        what="tasks published after the outages to be tracked as succeeded",
+    )
+    statuses = set(WorkerRegistry.objects.using(stack.alias).values_list("status", flat=True))
+    assert statuses == {"active"}
