@@ -1,0 +1,165 @@
+"""worker_health.tracking: which tasks are tracked, and what a publish and a delivery record."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from worker_health import tracking
+from worker_health.models import TaskQueue
+from worker_health.tracking import is_tracked
+
+#: pytest-django's ``settings`` fixture (its class was renamed between releases)
+SettingsWrapper = Any
+CaptureCallbacks = Callable[..., Any]
+
+
+@pytest.fixture
+def track(settings: SettingsWrapper) -> Callable[[Any], None]:
+    def set_track(value: Any) -> None:
+        settings.WORKER_HEALTH_TRACK_TASKS = value
+
+    return set_track
+
+
+@pytest.mark.parametrize("value", [None, "__all__"])
+def test_everything_is_tracked_by_default(track: Callable[[Any], None], value: Any) -> None:
+    track(value)
+    assert is_tracked("myapp.tasks.add")
+    assert is_tracked("other.job", "celery")
+
+
+def test_unset_means_everything(settings: SettingsWrapper) -> None:
+    if hasattr(settings, "WORKER_HEALTH_TRACK_TASKS"):
+        del settings.WORKER_HEALTH_TRACK_TASKS
+    assert is_tracked("myapp.tasks.add")
+
+
+@pytest.mark.parametrize("value", [None, ["*"], ["worker_health.*"], ["celery"]])
+def test_own_tasks_are_never_tracked(track: Callable[[Any], None], value: Any) -> None:
+    track(value)
+    assert not is_tracked("worker_health.tasks.detect_failed_workers", "celery")
+    assert not is_tracked("worker_health.tasks.prune_finished_tasks")
+
+
+@pytest.mark.parametrize("name", [None, ""])
+def test_a_task_without_a_name_is_not_tracked(track: Callable[[Any], None], name: Any) -> None:
+    track(None)
+    assert not is_tracked(name, "celery")
+
+
+def test_name_patterns(track: Callable[[Any], None]) -> None:
+    track(["myapp.tasks.*", "billing.charge"])
+    assert is_tracked("myapp.tasks.add")
+    assert is_tracked("myapp.tasks.sub.deep")
+    assert is_tracked("billing.charge")
+    assert not is_tracked("billing.charge_later")
+    assert not is_tracked("otherapp.tasks.add")
+    assert not is_tracked("MyApp.tasks.add")  # case-sensitive, like task names
+
+
+def test_queue_names(track: Callable[[Any], None]) -> None:
+    track(["critical"])
+    assert is_tracked("anything.at.all", "critical")
+    assert not is_tracked("anything.at.all", "default")
+    assert not is_tracked("anything.at.all")
+    assert not is_tracked("critical.job", "default")  # a queue name is not a name prefix
+
+
+def test_patterns_and_queues_together(track: Callable[[Any], None]) -> None:
+    track(["myapp.*", "critical"])
+    assert is_tracked("myapp.x", "default")
+    assert is_tracked("other.x", "critical")
+    assert not is_tracked("other.x", "default")
+
+
+def test_an_empty_list_tracks_nothing(track: Callable[[Any], None]) -> None:
+    track([])
+    assert not is_tracked("myapp.tasks.add", "celery")
+
+
+# --------------------------------------------------------------------------------------------
+# publish
+
+
+@pytest.mark.django_db
+def test_publish_of_a_tracked_task_records_a_queued_row_on_commit(
+    track: Callable[[Any], None], django_capture_on_commit_callbacks: CaptureCallbacks
+) -> None:
+    track(["myapp.*"])
+    eta = "2030-01-01T00:00:00+00:00"
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        tracking.on_before_task_publish(
+            sender="myapp.add",
+            headers={"id": "t1", "task": "myapp.add", "eta": eta},
+            routing_key="celery",
+        )
+        assert not TaskQueue.objects.exists()  # not before the publisher commits
+    assert len(callbacks) == 1
+    task = TaskQueue.objects.get(task_id="t1")
+    assert (task.status, task.task_name, task.queue) == ("queued", "myapp.add", "celery")
+    assert task.eta == datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.mark.django_db
+def test_publish_of_untracked_or_own_tasks_records_nothing(
+    track: Callable[[Any], None], django_capture_on_commit_callbacks: CaptureCallbacks
+) -> None:
+    track(["myapp.*"])
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        tracking.on_before_task_publish(
+            sender="other.job", headers={"id": "t1", "task": "other.job"}, routing_key="celery"
+        )
+        tracking.on_before_task_publish(
+            sender="worker_health.tasks.detect_failed_workers",
+            headers={"id": "t2", "task": "worker_health.tasks.detect_failed_workers"},
+            routing_key="celery",
+        )
+        tracking.on_before_task_publish(sender="myapp.add", headers={}, routing_key="celery")
+    assert callbacks == []
+    assert not TaskQueue.objects.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# delivery
+
+
+def fake_request(body: Any) -> Any:
+    when = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    message = SimpleNamespace(
+        body=body,
+        headers={"id": "t1", "task": "myapp.add", "eta": when.isoformat(), "obj": object()},
+        properties={"correlation_id": "t1", "priority": 5, "reply_to": "r", "bogus": "x"},
+        delivery_info={"exchange": "ex", "routing_key": "critical"},
+        content_type="application/json",
+        content_encoding="utf-8",
+    )
+    return SimpleNamespace(id="t1", name="myapp.add", message=message)
+
+
+def test_delivery_from_request_keeps_the_message_byte_for_byte() -> None:
+    body = b'[[1, 2], {"x": "\\u00e9"}, {}]'
+    d = tracking.delivery_from_request(fake_request(body))
+    assert d.body == body
+    assert (d.task_id, d.task_name, d.queue, d.exchange, d.routing_key) == (
+        "t1",
+        "myapp.add",
+        "critical",
+        "ex",
+        "critical",
+    )
+    assert d.properties == {"correlation_id": "t1", "priority": 5, "reply_to": "r"}
+    assert d.content_type == "application/json"
+    assert d.eta == datetime(2030, 1, 1, tzinfo=timezone.utc)
+    # headers are stored as JSON: anything else becomes its repr
+    assert d.headers["id"] == "t1"
+    assert isinstance(d.headers["obj"], str)
+
+
+def test_delivery_from_request_encodes_a_text_body() -> None:
+    d = tracking.delivery_from_request(fake_request('[[], {"x": "é"}, {}]'))
+    assert d.body == '[[], {"x": "é"}, {}]'.encode()
