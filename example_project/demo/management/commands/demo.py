@@ -171,12 +171,14 @@ class Command(BaseCommand):
 
     @contextmanager
     def _signals_interrupt(self) -> Iterator[None]:
-        """SIGTERM / SIGHUP end the demo like Ctrl-C: its children are stopped."""
+        """SIGTERM and SIGHUP end the demo like Ctrl-C: its children are stopped. SIGINT is
+        set too, as a shell starts a background job with SIGINT ignored."""
 
         def interrupt(signum: int, frame: FrameType | None) -> None:
             raise KeyboardInterrupt
 
-        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {sig: signal.signal(sig, interrupt) for sig in signals}
         try:
             yield
         finally:
@@ -417,7 +419,10 @@ class Command(BaseCommand):
                 raise DemoFailed(f"the workers did not register within {timeout:.0f} s")
             time.sleep(REFRESH)
         self.live.close()
-        self.say(f"all {len(run.nodes)} workers registered and heartbeating")
+        self.say(
+            f"all {len(run.nodes)} workers registered and heartbeating ('processed' counts "
+            "every task a worker ran, beat's detector sweeps included)"
+        )
 
     def publish(self, run: Run) -> None:
         n = self.options["tasks"]
