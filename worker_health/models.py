@@ -112,6 +112,9 @@ class TaskQueue(models.Model):
     #: the sweep that moved the task to ``reclaiming`` and owns its re-publish
     reclaim_lease = models.UUIDField(null=True, blank=True)
     reclaimed_at = models.DateTimeField(null=True, blank=True)
+    #: publishes of the current reclaim; a reclaimed message that no live worker picked up
+    #: (e.g. RabbitMQ pushed it to a paused worker's prefetch) is published again, backing off
+    publish_attempts = models.PositiveSmallIntegerField(default=0)
     #: workers that died holding this task, oldest first (for the quarantine message)
     lost_on = models.JSONField(default=list, blank=True)
 

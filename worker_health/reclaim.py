@@ -272,7 +272,9 @@ def reclaim(
                     # it): nothing to publish; mark it queued for the broker's redelivery.
                     updates.update(status=TaskStatus.QUEUED)
                 else:
-                    updates.update(status=TaskStatus.RECLAIMING, reclaim_lease=lease)
+                    updates.update(
+                        status=TaskStatus.RECLAIMING, reclaim_lease=lease, publish_attempts=0
+                    )
                 won = (
                     TaskQueue.objects.using(db)
                     .filter(
@@ -383,7 +385,12 @@ def publish_reclaimed(condition: Q, db: str) -> set[str]:
             continue
         TaskQueue.objects.using(db).filter(
             pk=task.pk, status=TaskStatus.RECLAIMING, reclaim_lease=task.reclaim_lease
-        ).update(status=TaskStatus.QUEUED, reclaim_lease=None, updated_at=Now())
+        ).update(
+            status=TaskStatus.QUEUED,
+            reclaim_lease=None,
+            publish_attempts=F("publish_attempts") + 1,
+            updated_at=Now(),
+        )
         published.add(task.task_id)
     return published
 
@@ -392,18 +399,40 @@ def outbox_grace() -> float:
     return max(5.0, 2 * settings.CHECK_INTERVAL)
 
 
+#: how often a reclaimed message that no live worker picked up is published again
+MAX_PUBLISH_ATTEMPTS = 5
+
+
 def flush_outbox() -> list[str]:
-    """Publish reclaims whose publish failed (broker down, detector killed mid-way)."""
+    """Publish again what a reclaim published (or tried to) but no live worker took.
+
+    * ``reclaiming`` rows older than the grace: the publish failed (broker down, detector
+      killed between commit and publish);
+    * ``queued`` rows of a reclaim that no live worker reserved within the grace, doubling
+      each time: the broker handed the message to a consumer that is not running (RabbitMQ
+      pushes to a paused worker's prefetch window). A copy that arrives twice is skipped at
+      claim time, so publishing again is safe.
+    """
     db = router.db_for_write(TaskQueue)
+    grace = outbox_grace()
     stuck = TaskQueue.objects.using(db).filter(
-        status=TaskStatus.RECLAIMING, reclaimed_at__lt=db_now_minus(outbox_grace())
+        status=TaskStatus.RECLAIMING, reclaimed_at__lt=db_now_minus(grace)
+    )
+    unpicked = Q()
+    for attempts in range(1, MAX_PUBLISH_ATTEMPTS):
+        unpicked |= Q(publish_attempts=attempts, reclaimed_at__lt=db_now_minus(grace * 2**attempts))
+    unclaimed = TaskQueue.objects.using(db).filter(
+        unpicked, status=TaskStatus.QUEUED, reclaimed_at__isnull=False, body__isnull=False
     )
     lease = uuid.uuid4()
     taken = 0
-    for pk, old_lease in list(stuck.values_list("pk", "reclaim_lease")[:1000]):
-        taken += TaskQueue.objects.using(db).filter(
-            pk=pk, status=TaskStatus.RECLAIMING, reclaim_lease=old_lease
-        ).update(reclaim_lease=lease, reclaimed_at=Now())
+    for qs in (stuck, unclaimed):
+        for pk, status, old_lease, old_at in list(
+            qs.values_list("pk", "status", "reclaim_lease", "reclaimed_at")[:1000]
+        ):
+            taken += TaskQueue.objects.using(db).filter(
+                pk=pk, status=status, reclaim_lease=old_lease, reclaimed_at=old_at
+            ).update(status=TaskStatus.RECLAIMING, reclaim_lease=lease, reclaimed_at=Now())
     if not taken:
         return []
     return sorted(publish_reclaimed(Q(reclaim_lease=lease), db))

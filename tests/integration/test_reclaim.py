@@ -157,7 +157,7 @@ def test_zombie_completion_is_fenced(stack: Stack) -> None:
     wait_for(
         lambda: tasks(stack).filter(task_id=ids[0], status="claimed").exists(), 60, what="claim"
     )
-    zombie.signal(signal.SIGSTOP)
+    zombie.signal_group(signal.SIGSTOP)
     stack.worker("healthy", concurrency=1)
     try:
         wait_for(
@@ -166,7 +166,7 @@ def test_zombie_completion_is_fenced(stack: Stack) -> None:
             what="the reclaimed run to succeed on the healthy worker",
         )
     finally:
-        zombie.signal(signal.SIGCONT)
+        zombie.signal_group(signal.SIGCONT)
     wait_for(
         lambda: events(stack).filter(kind=EventKind.STALE_COMPLETION, task_id=ids[0]).exists(),
         40,
@@ -188,7 +188,11 @@ def test_three_detectors_publish_each_task_once(stack: Stack) -> None:
     wait_held(stack, stack.node("held"), running=2, reserved=1)
     held = tasks(stack).filter(status__in=("claimed", "reserved")).count()
     victim.kill_group()
-    time.sleep(4.5)  # stale by now; nobody swept (no live worker, no beat)
+    # Nobody sweeps now (no live worker, no beat). The outage guard does not trust a pause in
+    # sweeps, so a first sweep starts watching again; STALE_AFTER later the victim is stale
+    # and three detectors race to fail it and reclaim its tasks.
+    stack.manage("worker_health", "detect")
+    time.sleep(3.5)
     outputs: list[str] = []
 
     def detect() -> None:
