@@ -419,12 +419,10 @@ class WorkerRegistryAdmin(ReadOnlyAdmin):
         return super().change_view(request, object_id, form_url, extra)
 
     def detail_actions(self, request: HttpRequest) -> list[tuple[str, str]]:
+        """The actions offered as buttons on a worker's page (those the user may run)."""
         available = self.get_actions(request)
-        return [
-            (name, str(available[name][2]))
-            for name in ("reclaim_tasks_now", "mark_offline")
-            if name in available
-        ]
+        labels = {"reclaim_tasks_now": "Reclaim its tasks now", "mark_offline": "Mark offline"}
+        return [(name, label) for name, label in labels.items() if name in available]
 
     # -- actions ---------------------------------------------------------------------------
     def has_reclaim_worker_tasks_permission(self, request: HttpRequest) -> bool:
@@ -811,6 +809,11 @@ class WorkerEventAdmin(ReadOnlyAdmin):
 # the overview
 
 
+CHART_TITLES = {
+    EventKind.WORKER_FAILED: "Worker failures",
+    EventKind.TASK_RECLAIMED: "Reclaimed tasks",
+    EventKind.TASK_QUARANTINED: "Quarantined tasks",
+}
 CHART_COLOURS = {
     EventKind.WORKER_FAILED: "#c62828",
     EventKind.TASK_RECLAIMED: "#b26a00",
@@ -849,7 +852,7 @@ def bar_chart(series: HourlySeries, width: int = 480, height: int = 120) -> dict
     ]
     return {
         "kind": series.kind,
-        "label": series.label,
+        "label": CHART_TITLES.get(series.kind, series.label),
         "total": series.total,
         "max": max(series.counts),
         "colour": CHART_COLOURS.get(series.kind, "#455a64"),
@@ -966,7 +969,7 @@ def overview_context() -> dict[str, Any]:
         "worker_total": sum(workers.values()),
         "task_counts": tasks,
         "capped_statuses": CAPPED_TASK_STATUSES,
-        "count_cap": COUNT_CAP,
+        "count_cap": f"{COUNT_CAP:,}",
         "charts": [bar_chart(s) for s in events_per_hour(now=now)],
         "heartbeats": heartbeat_rows(live),
         "heartbeats_more": max(0, live_total - len(live)),

@@ -86,8 +86,10 @@ def exact_task_counts() -> dict[str, int]:
     return {status: counts.get(status, 0) for status in EXACT_TASK_STATUSES}
 
 
-def task_counts(cap: int = COUNT_CAP) -> list[TaskCount]:
-    """Tasks by status: exact for the transient statuses, capped for the others."""
+def task_counts(cap: int | None = None) -> list[TaskCount]:
+    """Tasks by status: exact for the transient statuses, capped (default ``COUNT_CAP``)
+    for the others."""
+    cap = COUNT_CAP if cap is None else cap
     result = [TaskCount(s, n, True) for s, n in exact_task_counts().items()]
     for status in CAPPED_TASK_STATUSES:
         # COUNT over a LIMITed subquery: reads at most cap + 1 index entries.
