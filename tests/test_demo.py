@@ -72,6 +72,8 @@ def test_demo_kills_a_worker_and_every_task_runs_exactly_once(tmp_path: Path) ->
     assert re.search(r"demo1@\S+: active -> failed [\d.]+ s after the SIGKILL", out), report
     assert '"failed_workers": 1' in out, report  # the health summary's JSON
     assert "all demo processes stopped" in out, report
+    assert "Traceback" not in out + result.stderr, report
+    assert "database is locked" not in report, report
 
     # Nothing left running: every process group the demo started is gone.
     pids = [int(pid) for pid in re.findall(r"^\w+\s+pid (\d+)", out, re.MULTILINE)]
