@@ -1,6 +1,10 @@
 import os
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
+
+# filesystem:// with atomic writes (see fs_transport.py)
+TRANSPORT_ALIASES["filesystem"] = "example_project.fs_transport:Transport"
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "example_project.settings")
 

@@ -182,17 +182,19 @@ def test_zombie_completion_is_fenced(stack: Stack) -> None:
 
 def test_three_detectors_publish_each_task_once(stack: Stack) -> None:
     # No heartbeat-thread sweeps from live workers here: only the three detectors race.
-    stack.settings.update(WORKER_HEALTH_STALE_AFTER="3", WORKER_HEALTH_CHECK_INTERVAL="1")
+    stack.settings.update(WORKER_HEALTH_STALE_AFTER="6", WORKER_HEALTH_CHECK_INTERVAL="1")
     victim = stack.worker("held", concurrency=2)
     ids = stack.publish("work", 8, kwargs={"seconds": 5})
     wait_held(stack, stack.node("held"), running=2, reserved=1)
     held = tasks(stack).filter(status__in=("claimed", "reserved")).count()
     victim.kill_group()
     # Nobody sweeps now (no live worker, no beat). The outage guard does not trust a pause in
-    # sweeps, so a first sweep starts watching again; STALE_AFTER later the victim is stale
-    # and three detectors race to fail it and reclaim its tasks.
-    stack.manage("worker_health", "detect")
-    time.sleep(3.5)
+    # sweeps longer than STALE_AFTER, so sweeps keep coming (as beat would send them) until
+    # the victim is stale; then three detectors race to fail it and reclaim its tasks.
+    workers = WorkerRegistry.objects.using(stack.alias).filter(worker_id=stack.node("held"))
+    while not workers.stale(3.5).exists():  # sweeps no more than STALE_AFTER apart
+        assert '"failed_workers": []' in stack.manage("worker_health", "detect")
+    wait_for(lambda: workers.stale(6.2).exists(), 10, what="the victim to be stale")
     outputs: list[str] = []
 
     def detect() -> None:
