@@ -28,6 +28,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
@@ -180,7 +181,7 @@ class TextInputFilter(admin.SimpleListFilter):
             return queryset.filter(**{self.field_path: value.strip()})
         return queryset
 
-    def choices(self, changelist: ChangeList) -> Iterator[dict[str, Any]]:
+    def choices(self, changelist: ChangeList) -> Iterator[Any]:
         params = changelist.params if hasattr(changelist, "params") else {}
         keep = []
         for key, values in params.items():
@@ -190,7 +191,7 @@ class TextInputFilter(admin.SimpleListFilter):
                 keep.append((key, value))
         yield {
             "query_parts": keep,
-            "clear_query_string": changelist.get_query_string(remove=[self.parameter_name]),
+            "clear_query_string": changelist.get_query_string(remove=[str(self.parameter_name)]),
             "value": self.value() or "",
         }
 
@@ -256,7 +257,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
             "warnings": warnings,
             "form": form,
             "button": button,
-            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
             "select_across": request.POST.get("select_across") == "1",
         }
         return TemplateResponse(request, "worker_health/admin/confirm_action.html", context)
@@ -747,6 +748,18 @@ class DeferredBodyChangeList(ChangeList):
 # events
 
 
+#: the badge colour of each event kind
+EVENT_BADGES: dict[str, str] = {
+    "worker_failed": "failed",
+    "task_quarantined": "quarantined",
+    "task_reclaimed": "reclaiming",
+    "stale_completion": "late",
+    "worker_recovered": "active",
+    "worker_registered": "active",
+    "worker_offline": "offline",
+}
+
+
 @admin.register(WorkerEvent)
 class WorkerEventAdmin(ReadOnlyAdmin):
     list_display = ("created_at", "kind_badge", "worker_link", "task_link", "details_summary")
@@ -766,19 +779,10 @@ class WorkerEventAdmin(ReadOnlyAdmin):
 
     @admin.display(description="kind", ordering="kind")
     def kind_badge(self, obj: WorkerEvent) -> SafeString:
-        colours = {
-            EventKind.WORKER_FAILED: "failed",
-            EventKind.TASK_QUARANTINED: "quarantined",
-            EventKind.TASK_RECLAIMED: "reclaiming",
-            EventKind.STALE_COMPLETION: "late",
-            EventKind.WORKER_RECOVERED: "active",
-            EventKind.WORKER_REGISTERED: "active",
-            EventKind.WORKER_OFFLINE: "offline",
-        }
         return format_html(
             '<span class="wh-badge" style="background:{};color:#fff;padding:2px 8px;'
             'border-radius:8px;white-space:nowrap">{}</span>',
-            BADGE_COLOURS.get(colours.get(obj.kind, ""), "#455a64"),
+            BADGE_COLOURS.get(EVENT_BADGES.get(obj.kind, ""), "#455a64"),
             obj.get_kind_display(),
         )
 
@@ -809,15 +813,15 @@ class WorkerEventAdmin(ReadOnlyAdmin):
 # the overview
 
 
-CHART_TITLES = {
-    EventKind.WORKER_FAILED: "Worker failures",
-    EventKind.TASK_RECLAIMED: "Reclaimed tasks",
-    EventKind.TASK_QUARANTINED: "Quarantined tasks",
+CHART_TITLES: dict[str, str] = {
+    "worker_failed": "Worker failures",
+    "task_reclaimed": "Reclaimed tasks",
+    "task_quarantined": "Quarantined tasks",
 }
-CHART_COLOURS = {
-    EventKind.WORKER_FAILED: "#c62828",
-    EventKind.TASK_RECLAIMED: "#b26a00",
-    EventKind.TASK_QUARANTINED: "#6a1b9a",
+CHART_COLOURS: dict[str, str] = {
+    "worker_failed": "#c62828",
+    "task_reclaimed": "#b26a00",
+    "task_quarantined": "#6a1b9a",
 }
 
 

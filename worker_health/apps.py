@@ -35,5 +35,7 @@ class WorkerHealthConfig(AppConfig):
 
         from . import notifiers
 
-        for signal, receiver, uid in notifiers.signal_receivers():
-            signal.connect(receiver, weak=False, dispatch_uid=f"worker_health.alerts.{uid}")
+        for alert_signal, alert_receiver, name in notifiers.signal_receivers():
+            alert_signal.connect(
+                alert_receiver, weak=False, dispatch_uid=f"worker_health.alerts.{name}"
+            )

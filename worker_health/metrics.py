@@ -28,8 +28,8 @@ EXACT_TASK_STATUSES = ("reserved", "claimed", "reclaiming", "quarantined")
 #: task statuses whose rows pile up: counted up to ``COUNT_CAP``
 CAPPED_TASK_STATUSES = ("queued", "succeeded", "failed", "revoked")
 COUNT_CAP = 10_000
-#: the event kinds charted on the overview and counted for Prometheus
-CHART_KINDS = (EventKind.WORKER_FAILED, EventKind.TASK_RECLAIMED, EventKind.TASK_QUARANTINED)
+#: the event kinds (``EventKind`` values) charted on the overview
+CHART_KINDS = ("worker_failed", "task_reclaimed", "task_quarantined")
 
 
 def database_now() -> datetime:
@@ -200,24 +200,18 @@ class WorkerHealthCollector:
             tasks.add_metric([status], n)
         yield tasks
 
-        totals = event_totals(
-            [
-                EventKind.WORKER_FAILED,
-                EventKind.TASK_RECLAIMED,
-                EventKind.TASK_QUARANTINED,
-                EventKind.STALE_COMPLETION,
-            ]
-        )
-        for kind, name, doc in (
-            (EventKind.WORKER_FAILED, "worker_health_worker_failures", "Workers declared failed."),
-            (EventKind.TASK_RECLAIMED, "worker_health_tasks_reclaimed", "Tasks reclaimed."),
-            (EventKind.TASK_QUARANTINED, "worker_health_tasks_quarantined", "Tasks quarantined."),
+        counters = (
+            ("worker_failed", "worker_health_worker_failures", "Workers declared failed."),
+            ("task_reclaimed", "worker_health_tasks_reclaimed", "Tasks reclaimed."),
+            ("task_quarantined", "worker_health_tasks_quarantined", "Tasks quarantined."),
             (
-                EventKind.STALE_COMPLETION,
+                "stale_completion",
                 "worker_health_stale_completions",
                 "Late completions of reclaimed tasks that were fenced off.",
             ),
-        ):
+        )
+        totals = event_totals(kind for kind, _, _ in counters)
+        for kind, name, doc in counters:
             yield CounterMetricFamily(
                 name, doc + " Counted from the event log, which is pruned after RETENTION.",
                 value=totals[kind],
@@ -248,5 +242,5 @@ def register(registry: CollectorRegistry | None = None) -> Collector:
     from prometheus_client import REGISTRY
 
     collector = WorkerHealthCollector()
-    (registry or REGISTRY).register(collector)  # type: ignore[arg-type]
-    return collector  # type: ignore[return-value]
+    (registry or REGISTRY).register(collector)
+    return collector

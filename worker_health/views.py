@@ -84,5 +84,5 @@ def metrics(request: HttpRequest) -> HttpResponse:
     from .metrics import WorkerHealthCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(WorkerHealthCollector())  # type: ignore[arg-type]
+    registry.register(WorkerHealthCollector())
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
