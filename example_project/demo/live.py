@@ -7,27 +7,20 @@ few seconds, so the output stays readable as a log.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Hashable, Sequence
-from typing import Protocol
 
-
-class Output(Protocol):
-    def write(self, msg: str = "", style_func: object = None, ending: str | None = None) -> None:
-        ...
-
-    def flush(self) -> None:
-        ...
-
-    def isatty(self) -> bool:
-        ...
+from django.core.management.base import OutputWrapper
 
 
 class LiveBlock:
-    def __init__(self, out: Output, *, interactive: bool | None = None, every: float = 5.0):
+    def __init__(self, out: OutputWrapper, *, interactive: bool | None = None, every: float = 5.0):
         self.out = out
-        self.interactive = out.isatty() if interactive is None else interactive
+        if interactive is None:
+            interactive = out.isatty() and os.environ.get("TERM", "") != "dumb"
+        self.interactive = interactive
         self.every = every
         self._lines: list[str] = []
         self._drawn = 0

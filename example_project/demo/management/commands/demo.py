@@ -109,6 +109,16 @@ def _fast_settings_for_this_process() -> dict[str, float]:
     return {name: float(value) for name, value in FAST_SETTINGS.items()}
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def short(task_id: str) -> str:
     return task_id[:8]
 
@@ -141,6 +151,10 @@ class Command(BaseCommand):
             raise CommandError("--tasks must be at least 1.")
         if options["seconds"] <= 0:
             raise CommandError("--seconds must be positive.")
+        if not options["no_serve"] and not port_is_free(options["port"]):
+            raise CommandError(
+                f"port {options['port']} is in use: pass another --port, or --no-serve"
+            )
         self.options = options
         self.children: list[Child] = []
         self.live = LiveBlock(self.stdout, every=3.0)
@@ -157,7 +171,7 @@ class Command(BaseCommand):
                     problem = "interrupted before the proof"
             except DemoFailed as exc:
                 self.live.close()
-                self.stdout.write(self.style.ERROR(f"FAIL: {exc}"))
+                self.stdout.write(self.style.ERROR(f"ERROR: {exc}"))
                 problem = str(exc).splitlines()[0]
             finally:
                 self.stop_children()
@@ -719,9 +733,11 @@ class Command(BaseCommand):
     def stop_children(self) -> None:
         if not self.children:
             return
-        # A second Ctrl-C must not cut the clean-up short and leave processes behind, nor
-        # may a closed terminal (SIGHUP, then writes failing).
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A second Ctrl-C (or SIGTERM) must not cut the clean-up short and leave processes
+        # behind, nor may a closed terminal (SIGHUP, then writes failing). It is bounded:
+        # SIGKILL after a timeout.
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
         try:
             running = [c.name for c in self.children if c.alive()]
             self._print_safely("", f"stopping {', '.join(running) or 'nothing'} (SIGTERM) ...")
@@ -732,7 +748,8 @@ class Command(BaseCommand):
                 self._print_safely(f"  had to SIGKILL: {', '.join(killed)}")
             self._print_safely("all demo processes stopped")
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _print_safely(self, *lines: str) -> None:
         try:
