@@ -268,7 +268,7 @@ def test_database_outage_is_survived(
         wait_for(warned, BOUND, what=f"every worker to notice outage {outage}")
         # the outage lasts 3 x STALE_AFTER: heartbeats are stale by any measure
         while time.monotonic() - cut_at < 3 * STALE_AFTER:
-            assert all(p.alive() for p in procs.values()), stack.logs()
+            assert all(p.alive() for p in procs.values())
             time.sleep(0.2)
         assert main.refused > 0, "the workers kept trying during the outage"
         main.restore()
@@ -294,30 +294,76 @@ def test_database_outage_is_survived(
             BOUND,
             what="a sweep more than STALE_AFTER after the outage",
         )
-        assert stack.events(EventKind.WORKER_FAILED).count() == 0, stack.logs()
+        assert stack.events(EventKind.WORKER_FAILED).count() == 0
         assert stack.events(EventKind.WORKER_RECOVERED).count() == 0
         for name in names:
             proc = procs[name]
             assert proc.alive()
             # once per outage, not once per attempt (attempts are every <= 0.5 s)
-            assert proc.count(HEARTBEAT_DOWN) == outage, proc.log()[-3000:]
+            assert proc.count(HEARTBEAT_DOWN) == outage, name
             wait_for(
                 lambda proc=proc, outage=outage: proc.count(HEARTBEAT_BACK) == outage,
                 BOUND,
                 what=f"{name} to log that the database is back",
             )
 
-    # The workers still do their job: tasks run and are tracked to the end.
+    # The workers still do their job (tracking after an outage: see the next test).
     ids = stack.publish("work", 6)
     wait_for(
         lambda: Effect.objects.using(stack.alias).filter(task_id__in=ids).count() == len(ids),
         60,
         what="tasks published after the outages to run",
     )
-    wait_for(
-        lambda: succeeded.filter(task_id__in=ids).count() == len(ids),
-        BOUND,
-        what="tasks published after the outages to be tracked as succeeded",
-    )
     statuses = set(WorkerRegistry.objects.using(stack.alias).values_list("status", flat=True))
     assert statuses == {"active"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="worker_health/dbthread.py reuses the pool process's tracking connection after "
+    "the database dropped it: the first claim after an outage fails and the task runs "
+    "untracked (its row stays 'queued'). See the report of the integration tests.",
+)
+def test_tracking_resumes_after_database_outage(
+    pg_stack: Stack, db_proxies: tuple[TcpProxy, TcpProxy]
+) -> None:
+    """After the database comes back, the next tasks are claimed and finished as usual."""
+    stack = pg_stack
+    proxy, _ = db_proxies
+    via_proxy = database_url(stack.alias, port=proxy.port)
+    stack.worker("prefork", pool="prefork", concurrency=1, DATABASE_URL=via_proxy)
+    stack.worker("threads", pool="threads", concurrency=1, DATABASE_URL=via_proxy)
+    tracked = TaskQueue.objects.using(stack.alias)
+    # Both workers run tasks first, so their tracking threads hold connections.
+    before = stack.publish("work", 8, kwargs={"seconds": 0.2})
+    wait_for(
+        lambda: tracked.filter(task_id__in=before, status="succeeded").count() == len(before),
+        60,
+        what="tasks before the outage to succeed",
+    )
+    assert len(set(Effect.objects.using(stack.alias).values_list("worker", flat=True))) == 2
+
+    proxy.cut()
+    wait_for(
+        lambda: all(p.count(HEARTBEAT_DOWN) == 1 for p in stack.procs),
+        BOUND,
+        what="the workers to notice the outage",
+    )
+    proxy.restore()
+    wait_for(
+        lambda: all(p.count(HEARTBEAT_BACK) == 1 for p in stack.procs),
+        BOUND,
+        what="the heartbeats to resume",
+    )
+
+    after = stack.publish("work", 8, kwargs={"seconds": 0.2})
+    wait_for(
+        lambda: Effect.objects.using(stack.alias).filter(task_id__in=after).count() == len(after),
+        60,
+        what="tasks after the outage to run",
+    )
+    wait_for(
+        lambda: tracked.filter(task_id__in=after, status="succeeded").count() == len(after),
+        BOUND,
+        what="tasks after the outage to be tracked as succeeded",
+    )
