@@ -154,9 +154,10 @@ def test_worker_list_shows_badges_from_the_database_clock(admin_client: Client) 
     rows = {w.worker_id: w for w in cl.result_list}
     assert rows["alpha@web-1"].claimed_now == 1
     assert rows["beta@web-2"].claimed_now == 0
-    assert "web-1" in html and "prefork" in html and "celery, priority" in html
+    assert "web-1:4242" in html and "prefork (4)" in html and "celery, priority" in html
     assert "+0.012 s" in html  # clock skew
     assert cl.show_full_result_count is False
+    assert "_facets" not in html  # no "show counts" link: facets would count whole tables
 
 
 def test_worker_list_runs_a_constant_number_of_queries(admin_client: Client) -> None:

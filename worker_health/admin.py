@@ -218,6 +218,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     """Machine-written data: nothing is added, edited or deleted through the forms."""
 
     show_full_result_count = False
+    if hasattr(admin, "ShowFacets"):  # Django >= 5.0: facet counts would COUNT the table
+        show_facets = admin.ShowFacets.NEVER
 
     class Media:
         css = {"all": ("worker_health/dashboard.css",)}
@@ -284,9 +286,7 @@ class WorkerRegistryAdmin(ReadOnlyAdmin):
         "tasks_processed",
         "claimed_now",
         "host",
-        "pid",
         "pool",
-        "concurrency",
         "queues",
         "clock_skew_display",
         "uptime",
@@ -303,6 +303,9 @@ class WorkerRegistryAdmin(ReadOnlyAdmin):
         "last_heartbeat",
         "tasks_processed",
         "claimed_now",
+        "host",
+        "pool",
+        "queues",
         "clock_skew_display",
         "uptime",
         "started_at",
@@ -344,22 +347,15 @@ class WorkerRegistryAdmin(ReadOnlyAdmin):
     def _meta(self, obj: WorkerRegistry, key: str) -> Any:
         return (obj.metadata or {}).get(key) if isinstance(obj.metadata, dict) else None
 
-    @admin.display(description="host")
+    @admin.display(description="host:pid")
     def host(self, obj: WorkerRegistry) -> str:
-        return self._meta(obj, "host") or "-"
+        host, pid = self._meta(obj, "host"), self._meta(obj, "pid")
+        return f"{host or '-'}:{pid}" if pid else str(host or "-")
 
-    @admin.display(description="pid")
-    def pid(self, obj: WorkerRegistry) -> str:
-        return str(self._meta(obj, "pid") or "-")
-
-    @admin.display(description="pool")
+    @admin.display(description="pool (concurrency)")
     def pool(self, obj: WorkerRegistry) -> str:
-        return self._meta(obj, "pool") or "-"
-
-    @admin.display(description="concurrency")
-    def concurrency(self, obj: WorkerRegistry) -> str:
-        value = self._meta(obj, "concurrency")
-        return "-" if value is None else str(value)
+        pool, concurrency = self._meta(obj, "pool"), self._meta(obj, "concurrency")
+        return f"{pool or '-'} ({concurrency})" if concurrency is not None else str(pool or "-")
 
     @admin.display(description="queues")
     def queues(self, obj: WorkerRegistry) -> str:
@@ -825,7 +821,7 @@ CHART_COLOURS: dict[str, str] = {
 }
 
 
-def bar_chart(series: HourlySeries, width: int = 480, height: int = 120) -> dict[str, Any]:
+def bar_chart(series: HourlySeries, width: int = 320, height: int = 120) -> dict[str, Any]:
     """Geometry of a server-side SVG bar chart (one bar per hour)."""
     n = len(series.counts)
     top = max(series.counts) or 1
