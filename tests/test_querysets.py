@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.db import connections
@@ -563,3 +564,50 @@ def test_record_sweep_done(alias: str) -> None:
     state = detector(alias)
     assert state.last_sweep_duration == 0.25
     assert state.last_success_at is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: TaskQuerySet.claim() treats an IntegrityError on its fallback INSERT as a "
+    "duplicate delivery; when the row was inserted concurrently in a claimable state (the "
+    "worker's own Recorder.reserve() or the publisher's on_commit record_published() between "
+    "claim's UPDATE and its INSERT) the delivery is skipped with Ignore instead of claimed "
+    "(worker_health/querysets.py, claim(): 'except IntegrityError: return None')",
+)
+def test_claim_racing_with_the_insert_of_a_queued_row_still_claims_it(
+    alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker_health.querysets import TaskQuerySet
+
+    worker = make_worker(alias)
+    original_update = TaskQuerySet.update
+    inserted: list[bool] = []
+
+    def update_then_a_concurrent_insert(self: TaskQuerySet, **kwargs: Any) -> int:
+        updated = original_update(self, **kwargs)
+        if kwargs.get("status") == "claimed" and not updated and not inserted:
+            # what the publisher's commit (or the worker's recorder) does right then
+            inserted.append(True)
+            TaskQueue.objects.using(alias).record_published(
+                task_id="t1", task_name="demo.tasks.work", queue="celery", eta=None, expires=None
+            )
+        return updated
+
+    monkeypatch.setattr(TaskQuerySet, "update", update_then_a_concurrent_insert)
+    token = claim(alias, "t1", worker)
+    task = TaskQueue.objects.using(alias).get(task_id="t1")
+    assert token == 1
+    assert (task.status, task.claimed_by_id) == ("claimed", worker.pk)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: DetectorStateManager.take_sweep_lease() truncates ``who`` to 255 characters "
+    "when it updates the row but not when it creates it (worker_health/querysets.py, "
+    "self.create(..., last_sweep_by=who)); PostgreSQL raises DataError on the first sweep",
+)
+def test_sweep_lease_truncates_a_long_detector_name(alias: str) -> None:
+    manager = DetectorState.objects.db_manager(alias)
+    who = "beat@" + "h" * 300
+    assert manager.take_sweep_lease(who, spacing=10, outage_gap=60, force=False)
+    assert detector(alias).last_sweep_by == who[:255]

@@ -559,6 +559,19 @@ def test_the_outbox_still_failing_keeps_the_row(
     assert reclaim.flush_outbox() == ["stuck"]
 
 
+@pytest.mark.django_db
+def test_an_operators_requeue_of_a_quarantined_task_is_published_by_the_next_flush(
+    timing: SettingsWrapper, published: Published
+) -> None:
+    make_task("default", "poison", status="quarantined", reclaim_count=4, lost_on=["a", "b"])
+    pk = TaskQueue.objects.get(task_id="poison").pk
+    assert TaskQueue.objects.requeue_quarantined([pk]) == [str(pk)]
+    assert reclaim.flush_outbox() == ["poison"]
+    assert published.task_ids == ["poison"]
+    task = TaskQueue.objects.get(task_id="poison")
+    assert (task.status, task.reclaim_count) == ("queued", 0)
+
+
 # --------------------------------------------------------------------------------------------
 # concurrency
 
