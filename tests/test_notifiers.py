@@ -137,7 +137,9 @@ def test_a_mass_failure_is_folded_into_one_summary(
     summary = RecordingNotifier.sent[-1]
     assert len(RecordingNotifier.sent) == 4
     assert summary.kind == "summary"
-    assert summary.subject == "8 more worker health alerts: 1 task quarantined, 7 worker failed"
+    assert summary.subject == (
+        "8 more worker health alerts: quarantined tasks: 1, failed workers: 7"
+    )
     assert summary.details["folded"] == 8
     assert "worker w9 failed" in summary.message
     events = alert_events()

@@ -109,8 +109,9 @@ def test_summary_is_the_status_command_json(client: Client, api_token: str) -> N
     assert response["Cache-Control"].startswith("max-age=0")
 
 
-def test_summary_only_answers_get(client: Client, api_token: str) -> None:
+def test_summary_only_answers_get_and_head(client: Client, api_token: str) -> None:
     assert client.post(SUMMARY, **bearer(api_token)).status_code == 405
+    assert client.head(SUMMARY, **bearer(api_token)).status_code == 200
 
 
 def test_ready_is_200_with_enough_fresh_workers(client: Client, api_token: str) -> None:
@@ -146,6 +147,7 @@ def test_ready_can_be_public(client: Client, settings: Any) -> None:
     assert client.get(READY).status_code == 503
     make_worker("a@h")
     assert client.get(READY).status_code == 200
+    assert client.head(READY).status_code == 200  # load balancers' HEAD probes
     # only readiness: the summary and the metrics stay private
     assert client.get(SUMMARY).status_code == 401
     assert client.get(METRICS).status_code == 401

@@ -488,9 +488,22 @@ class AlertDispatcher:
                 self._queue.task_done()
 
 
+SUMMARY_LABELS = {
+    "worker_registered": "worker starts",
+    "worker_failed": "failed workers",
+    "worker_recovered": "recovered workers",
+    "worker_offline": "workers offline",
+    "task_reclaimed": "reclaimed tasks",
+    "task_quarantined": "quarantined tasks",
+    "stale_completion": "stale completions",
+}
+
+
 def summary_alert(folded: list[Alert]) -> Alert:
     counts = Counter(a.kind for a in folded)
-    what = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in sorted(counts.items()))
+    what = ", ".join(
+        f"{SUMMARY_LABELS.get(kind, kind)}: {n}" for kind, n in sorted(counts.items())
+    )
     lines = [a.subject for a in folded[:50]]
     if len(folded) > 50:
         lines.append(f"... and {len(folded) - 50} more")

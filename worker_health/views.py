@@ -18,7 +18,7 @@ import hmac
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from .conf import settings
 from .metrics import live_worker_count
@@ -49,13 +49,13 @@ def _unauthorized(reason: str) -> HttpResponse:
 
 
 @never_cache
-@require_GET
+@require_safe
 def summary(request: HttpRequest) -> HttpResponse:
     return denied(request) or JsonResponse(health_summary())
 
 
 @never_cache
-@require_GET
+@require_safe
 def ready(request: HttpRequest) -> HttpResponse:
     if not settings.READY_PUBLIC and (refusal := denied(request)):
         return refusal
@@ -68,7 +68,7 @@ def ready(request: HttpRequest) -> HttpResponse:
 
 
 @never_cache
-@require_GET
+@require_safe
 def metrics(request: HttpRequest) -> HttpResponse:
     if refusal := denied(request):
         return refusal
