@@ -70,9 +70,13 @@ def stack(request: pytest.FixtureRequest, transactional_db: None, workdir: Path)
 
 
 @pytest.fixture
-def sqlite_stack(transactional_db: None, workdir: Path) -> Iterator[Stack]:
+def sqlite_stack(
+    request: pytest.FixtureRequest, transactional_db: None, workdir: Path
+) -> Iterator[Stack]:
     s = make_stack("sqlite-filesystem", workdir)
     yield s
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(s.logs())
     s.close()
 
 

@@ -23,7 +23,7 @@ def schedule_entries() -> dict[str, dict[str, Any]]:
             "task": DETECT_TASK,
             "schedule": timedelta(seconds=settings.CHECK_INTERVAL),
             # a sweep that could not run in time is pointless later: the next one is due
-            "options": {"expires": max(1.0, settings.CHECK_INTERVAL * 2)},
+            "options": {"expires": max(10.0, settings.CHECK_INTERVAL * 2)},
         },
         PRUNE_ENTRY: {
             "task": PRUNE_TASK,

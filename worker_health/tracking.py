@@ -265,11 +265,12 @@ def on_task_received(sender: Any = None, request: Request | None = None, **_: An
     recorder_for(identity).add(delivery_from_request(request))
 
 
-def on_task_revoked(sender: Any = None, request: Request | None = None, **_: Any) -> None:
-    if request is None or not is_tracked(request.name):
+def on_task_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
+    """``task_revoked`` (worker main process; ``request`` is a task ``Context``)."""
+    task_id = getattr(request, "id", None)
+    if sender is None or not task_id or not is_tracked(sender.name):
         return
-    identity = identity_for(request.hostname)
-    task_id = request.id
+    identity = identity_for(getattr(request, "hostname", None))
     from .models import TaskQueue
 
     if identity is not None:

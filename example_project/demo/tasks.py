@@ -54,3 +54,24 @@ def poison(self) -> None:
 @shared_task(bind=True)
 def noop(self) -> None:
     return None
+
+
+@shared_task(bind=True, max_retries=3)
+def flaky(self, label: str = "") -> str:
+    """Fail the first run with a retry, succeed the second: a retry must run again."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.5)
+    record(self, label)
+    return self.request.id
+
+
+@shared_task(bind=True)
+def add(self, x: int, y: int) -> int:
+    record(self, "add")
+    return x + y
+
+
+@shared_task(bind=True)
+def total(self, values: list[int]) -> int:
+    record(self, "total")
+    return sum(values)

@@ -9,7 +9,13 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from example_project.demo import tasks
 
-TASKS = {"work": tasks.work, "burn": tasks.burn, "poison": tasks.poison, "noop": tasks.noop}
+TASKS = {
+    "work": tasks.work,
+    "burn": tasks.burn,
+    "poison": tasks.poison,
+    "noop": tasks.noop,
+    "flaky": tasks.flaky,
+}
 
 
 class Command(BaseCommand):
