@@ -177,14 +177,19 @@ def test_stopped_worker_is_failed_then_recovers_loudly(db_stack: Stack) -> None:
 # --------------------------------------------------------------------------------------------
 # 7. concurrent detectors
 
-#: ``manage.py worker_health detect`` that boots, says it is ready, and runs the command
-#: when the go file appears: the detectors start their sweeps within a millisecond or two.
+#: ``manage.py worker_health detect`` that boots, runs the system checks, says it is ready,
+#: and runs the command when the go file appears: the detectors start their sweeps within a
+#: millisecond or two of each other.
 DETECT_ON_GO = textwrap.dedent(
     """
     import pathlib, sys, time
     import django
     django.setup()
+    from django.core import checks
+    from django.core.management import execute_from_command_line
     from django.db import connection
+    from worker_health.management.commands import worker_health  # noqa: F401
+    checks.run_checks()
     connection.ensure_connection()
     ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     ready.touch()
@@ -193,8 +198,7 @@ DETECT_ON_GO = textwrap.dedent(
         if time.monotonic() > deadline:
             sys.exit("no go")
         time.sleep(0.0005)
-    from django.core.management import execute_from_command_line
-    execute_from_command_line(["manage.py", "worker_health", "detect"])
+    execute_from_command_line(["manage.py", "worker_health", "--skip-checks", "detect"])
     """
 )
 
