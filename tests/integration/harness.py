@@ -7,6 +7,7 @@ queue of the test's own, so nothing is shared between tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -118,10 +119,8 @@ class Proc:
 
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the process and everything it started (e.g. SIGSTOP / SIGCONT)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def count(self, text: str) -> int:
         """How many log records contain ``text``.
@@ -281,8 +280,7 @@ class Stack:
             args += ["--kwargs", json.dumps(kwargs)]
         for key, value in options.items():
             args += [f"--{key}", str(value)]
-        env = {"EXAMPLE_QUEUE": queue} if queue else {}
-        out = self.manage(*args, **env)
+        out = self.manage(*args, EXAMPLE_QUEUE=queue) if queue else self.manage(*args)
         return list(json.loads(out.strip().splitlines()[-1]))
 
     def wait_registered(self, node: str, proc: Proc | None = None, timeout: float = 60) -> None:
@@ -302,6 +300,15 @@ class Stack:
     def node(self, name: str) -> str:
         return f"{name}@{HOST}"
 
+    def wait_sweep_after(self, seconds: float, timeout: float = 15) -> None:
+        """Wait for a detector sweep that starts more than ``seconds`` from now (database
+        clock): whatever a sweep would wrongly do by then, it has done."""
+        from worker_health.models import DetectorState
+
+        target = db_now(self.alias) + timedelta(seconds=seconds)
+        swept = DetectorState.objects.using(self.alias).filter(pk=1, last_sweep_at__gt=target)
+        wait_for(swept.exists, seconds + timeout, what=f"a detector sweep {seconds} s from now")
+
     def row(self, name: str) -> Any:
         """The ``WorkerRegistry`` row of worker ``name`` (a short name or a node name)."""
         from worker_health.models import WorkerRegistry
@@ -309,7 +316,7 @@ class Stack:
         node = name if "@" in name else self.node(name)
         return WorkerRegistry.objects.using(self.alias).get(worker_id=node)
 
-    def events(self, kind: str, name: str | None = None) -> Any:
+    def events(self, kind: object, name: str | None = None) -> Any:
         """``WorkerEvent`` rows of ``kind`` (of worker ``name`` if given), oldest first."""
         from worker_health.models import WorkerEvent
 
@@ -341,15 +348,10 @@ class Stack:
                     for queue in [self.queue, *self.extra_queues]:
                         # A channel per queue: AMQP closes the channel on any error.
                         channel = conn.channel()
-                        try:
+                        with contextlib.suppress(Exception):
                             channel.queue_delete(queue)
-                        except Exception:  # noqa: S110 - best effort
-                            pass
-                        finally:
-                            try:
-                                channel.close()
-                            except Exception:  # noqa: S110 - best effort
-                                pass
+                        with contextlib.suppress(Exception):
+                            channel.close()
             except Exception:  # noqa: S110 - best effort clean-up of our own queues
                 pass
 

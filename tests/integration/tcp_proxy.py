@@ -12,9 +12,11 @@ Refused connections are accepted and reset at once, so the listening port stays 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 FORWARD = "forward"
@@ -24,18 +26,12 @@ PAUSE = "pause"
 
 def _reset(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0): the peer sees "connection reset" at once."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass
 
 
 class TcpProxy:
@@ -114,10 +110,8 @@ class TcpProxy:
             return len(self._sockets) // 2
 
     # -- internals --------------------------------------------------------------------------
-    def _thread(self, target: object, name: str, *args: object) -> None:
-        thread = threading.Thread(
-            target=target, args=args, name=f"tcp-proxy-{name}", daemon=True  # type: ignore[arg-type]
-        )
+    def _thread(self, target: Callable[..., None], name: str, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"tcp-proxy-{name}", daemon=True)
         thread.start()
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
 

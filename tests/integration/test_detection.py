@@ -40,32 +40,18 @@ def status_of(stack: Stack, name: str) -> str:
 
 
 def wait_status(stack: Stack, name: str, status: str, timeout: float = BOUND) -> WorkerRegistry:
-    wait_for(
-        lambda: status_of(stack, name) == status, timeout, what=f"{name} to be {status}"
-    )
+    wait_for(lambda: status_of(stack, name) == status, timeout, what=f"{name} to be {status}")
     return stack.row(name)
 
 
 def assert_failed_in_time(row: WorkerRegistry) -> None:
     """The detector's promise, on the database's clock."""
     assert row.status == "failed"
+    assert row.status_changed_at is not None and row.last_heartbeat is not None
     waited = (row.status_changed_at - row.last_heartbeat).total_seconds()
     assert STALE_AFTER <= waited <= DB_BOUND, (
         f"{row.worker_id} failed {waited:.2f} s after its last heartbeat "
         f"(STALE_AFTER={STALE_AFTER}, bound {DB_BOUND})"
-    )
-
-
-def wait_sweeps_past(stack: Stack, seconds: float) -> None:
-    """Wait for a detector sweep ``seconds`` from now (database clock): whatever a sweep
-    would wrongly do by then, it has done."""
-    target = db_now(stack.alias) + timedelta(seconds=seconds)
-    wait_for(
-        lambda: DetectorState.objects.using(stack.alias)
-        .filter(pk=1, last_sweep_at__gt=target)
-        .exists(),
-        seconds + BOUND,
-        what=f"a detector sweep {seconds} s from now",
     )
 
 
@@ -82,7 +68,7 @@ def test_sigkill_is_detected_within_the_bound(stack: Stack) -> None:
     for name, proc in [("victim", victim), *others.items()]:
         stack.wait_registered(stack.node(name), proc)
     # the detector is watching (and a heartbeat was written) before the kill
-    wait_sweeps_past(stack, 0.5)
+    stack.wait_sweep_after(0.5)
 
     victim.kill_group()
     killed_at = time.monotonic()
@@ -99,7 +85,7 @@ def test_sigkill_is_detected_within_the_bound(stack: Stack) -> None:
     assert event.details["last_heartbeat"]
 
     # The others stay active, sweep after sweep.
-    wait_sweeps_past(stack, STALE_AFTER + CHECK_INTERVAL)
+    stack.wait_sweep_after(STALE_AFTER + CHECK_INTERVAL)
     for name, proc in others.items():
         assert proc.alive()
         assert status_of(stack, name) == "active"
@@ -125,7 +111,7 @@ def test_warm_shutdown_goes_offline(stack: Stack) -> None:
     assert offline.get().details["cold"] is False
 
     # Offline is final: later sweeps do not turn a worker that left on purpose into failed.
-    wait_sweeps_past(stack, STALE_AFTER + CHECK_INTERVAL)
+    stack.wait_sweep_after(STALE_AFTER + CHECK_INTERVAL)
     assert status_of(stack, "leaving") == "offline"
     assert stack.events(EventKind.WORKER_FAILED).count() == 0
     assert status_of(stack, "staying") == "active"
@@ -143,7 +129,7 @@ def test_stopped_worker_is_failed_then_recovers_loudly(db_stack: Stack) -> None:
     for name, proc in [("paused", paused), ("watcher", watcher)]:
         stack.wait_registered(stack.node(name), proc)
     incarnation = stack.row("paused").incarnation
-    wait_sweeps_past(stack, 0.5)
+    stack.wait_sweep_after(0.5)
 
     paused.signal_group(signal.SIGSTOP)
     try:
@@ -167,7 +153,7 @@ def test_stopped_worker_is_failed_then_recovers_loudly(db_stack: Stack) -> None:
     )
 
     # It keeps beating: not failed a second time.
-    wait_sweeps_past(stack, STALE_AFTER + CHECK_INTERVAL)
+    stack.wait_sweep_after(STALE_AFTER + CHECK_INTERVAL)
     assert status_of(stack, "paused") == "active"
     assert stack.events(EventKind.WORKER_FAILED).count() == 1
     assert status_of(stack, "watcher") == "active"
@@ -230,9 +216,7 @@ def test_concurrent_detectors_fail_each_worker_once(db_stack: Stack) -> None:
                 ),
             )
         )
-    wait_for(
-        lambda: all(ready.exists() for ready, _ in detectors), 60, what="detectors to boot"
-    )
+    wait_for(lambda: all(ready.exists() for ready, _ in detectors), 60, what="detectors to boot")
 
     # Every worker dies at once: nobody else sweeps (no live worker, no beat).
     for proc in workers.values():
@@ -271,9 +255,9 @@ def test_concurrent_detectors_fail_each_worker_once(db_stack: Stack) -> None:
         .values_list("worker_name", "n")
     )
     assert per_worker == {node: 1 for node in nodes}
-    assert set(
-        WorkerRegistry.objects.using(stack.alias).values_list("status", flat=True)
-    ) == {"failed"}
+    assert set(WorkerRegistry.objects.using(stack.alias).values_list("status", flat=True)) == {
+        "failed"
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +308,7 @@ def test_detection_does_not_wait_behind_a_backlog(db_stack: Stack) -> None:
         60,
         what="beat to send the detector task (into the backlog)",
     )
-    wait_sweeps_past(stack, 0.5)
+    stack.wait_sweep_after(0.5)
 
     procs["victim"].kill_group()
     killed_at = time.monotonic()

@@ -7,6 +7,7 @@ deadline loop (``wait_for``); times are read from the database's clock.
 
 from __future__ import annotations
 
+import itertools
 import platform
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from tests.integration.harness import (
     wait_for,
 )
 from tests.integration.tcp_proxy import TcpProxy
-from worker_health.models import DetectorState, EventKind, TaskQueue, WorkerRegistry
+from worker_health.models import EventKind, TaskQueue, WorkerRegistry
 
 pytestmark = [
     pytest.mark.integration,
@@ -126,7 +127,7 @@ def test_registration_metadata_and_heartbeats(stack: Stack) -> None:
     for node, beats in log.seen.items():
         assert beats == sorted(beats), f"{node}: heartbeats went backwards: {beats}"
         assert beats[-1] <= now + timedelta(seconds=0.01), f"{node}: heartbeat in the future"
-        gaps = [(b - a).total_seconds() for a, b in zip(beats, beats[1:])]
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(beats)]
         assert all(0 < gap < STALE_AFTER for gap in gaps), f"{node}: heartbeat gaps {gaps}"
 
     # tasks_processed catches up with what each worker ran.
@@ -151,9 +152,9 @@ def test_registration_metadata_and_heartbeats(stack: Stack) -> None:
         )
 
     wait_for(lambda: processed() == expected, BOUND, what=f"tasks_processed == {expected}")
-    assert set(
-        WorkerRegistry.objects.using(stack.alias).values_list("status", flat=True)
-    ) == {"active"}
+    assert set(WorkerRegistry.objects.using(stack.alias).values_list("status", flat=True)) == {
+        "active"
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,21 +280,14 @@ def test_database_outage_is_survived(
         def resumed(before: dict[str, datetime] = before) -> bool:
             rows = log.sample()
             return all(
-                rows[node].status == "active" and rows[node].last_heartbeat > before[node]
+                rows[node].status == "active" and log.seen[node][-1] > before[node]
                 for node in log.nodes
             )
 
         wait_for(resumed, BOUND, what=f"heartbeats to resume after outage {outage}")
         # The guard holds until the detector has watched for STALE_AFTER again; by then a
-        # wrongly failed worker would be visible. Wait for a sweep past that point.
-        restored_at = db_now(stack.alias)
-        wait_for(
-            lambda: DetectorState.objects.using(stack.alias)
-            .filter(pk=1, last_sweep_at__gt=restored_at + timedelta(seconds=STALE_AFTER + 1))
-            .exists(),
-            BOUND,
-            what="a sweep more than STALE_AFTER after the outage",
-        )
+        # wrongly failed worker would be visible.
+        stack.wait_sweep_after(STALE_AFTER + 1)
         assert stack.events(EventKind.WORKER_FAILED).count() == 0
         assert stack.events(EventKind.WORKER_RECOVERED).count() == 0
         for name in names:
@@ -301,11 +295,11 @@ def test_database_outage_is_survived(
             assert proc.alive()
             # once per outage, not once per attempt (attempts are every <= 0.5 s)
             assert proc.count(HEARTBEAT_DOWN) == outage, name
-            wait_for(
-                lambda proc=proc, outage=outage: proc.count(HEARTBEAT_BACK) == outage,
-                BOUND,
-                what=f"{name} to log that the database is back",
-            )
+
+        def logged_back(outage: int = outage) -> bool:
+            return all(procs[name].count(HEARTBEAT_BACK) == outage for name in names)
+
+        wait_for(logged_back, BOUND, what="every worker to log that the database is back")
 
     # The workers still do their job (tracking after an outage: see the next test).
     ids = stack.publish("work", 6)
