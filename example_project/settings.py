@@ -4,6 +4,7 @@ DATABASE_URL       default: a SQLite file in ./var (WAL, immediate transactions,
                    timeout, so several worker processes can write at once)
 CELERY_BROKER_URL  default: kombu's filesystem transport in ./var/broker
 WORKER_HEALTH_HEARTBEAT_INTERVAL / _STALE_AFTER / _CHECK_INTERVAL  (seconds, optional)
+WORKER_HEALTH_BEAT_SCHEDULE  "false" / "0": keep the detector out of beat's schedule
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_celery_results",
+    "django_celery_beat",  # optional: beat's DatabaseScheduler (the default scheduler works too)
     "worker_health",
     "example_project.demo",
 ]
@@ -105,6 +107,10 @@ CELERY_TASK_TRACK_STARTED = True
 # C_FORCE_ROOT is set).
 CELERY_ACCEPT_CONTENT = ["json", "pickle"] if os.environ.get("EXAMPLE_ACCEPT_PICKLE") else ["json"]
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+if os.environ.get("EXAMPLE_ACKS_LATE"):
+    # Celery's own answer to lost work: ack after the run, requeue if the process dies.
+    CELERY_TASK_ACKS_LATE = True
+    CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 # --- worker_health ------------------------------------------------------------------------
@@ -115,6 +121,9 @@ if os.environ.get("WORKER_HEALTH_TRACK_TASKS"):
     WORKER_HEALTH_TRACK_TASKS = os.environ["WORKER_HEALTH_TRACK_TASKS"].split(",")
 if os.environ.get("WORKER_HEALTH_MAX_RECLAIMS"):
     WORKER_HEALTH_MAX_RECLAIMS = int(os.environ["WORKER_HEALTH_MAX_RECLAIMS"])
+if os.environ.get("WORKER_HEALTH_BEAT_SCHEDULE"):
+    _beat = os.environ["WORKER_HEALTH_BEAT_SCHEDULE"].strip().lower()
+    WORKER_HEALTH_BEAT_SCHEDULE = _beat not in ("0", "false", "no", "off")
 
 LOGGING = {
     "version": 1,

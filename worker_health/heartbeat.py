@@ -25,6 +25,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, conn
 from django.db.models.functions import Now
 
 from .conf import settings
+from .querysets import db_now_minus
 
 if TYPE_CHECKING:
     from celery.worker import WorkController
@@ -183,6 +184,7 @@ class Heart:
                 if self.beat_once():
                     retry = 0.2
                     delay = settings.HEARTBEAT_INTERVAL
+                    self._audit_claims()
                     self._maybe_sweep()
                 else:
                     delay = min(retry, settings.HEARTBEAT_RETRY_MAX)
@@ -271,6 +273,46 @@ class Heart:
                 exc,
                 extra={"worker_id": self.identity.worker_id},
             )
+
+    def _audit_claims(self) -> None:
+        """Reclaim now the runs of this worker that its pool lost (a pool process killed
+        mid-task, also when ``acks_late`` + ``reject_on_worker_lost`` means Celery sends no
+        ``task_failure``): claimed in the database, but no longer in the worker's memory."""
+        from celery.worker import state
+
+        from . import reclaim
+        from .models import TaskQueue
+
+        ident = self.identity
+        if ident.pk is None:
+            return
+        grace = max(2.0, settings.HEARTBEAT_INTERVAL)
+        try:
+            claimed = set(
+                TaskQueue.objects.filter(
+                    claimed_by=ident.pk,
+                    claimed_incarnation=ident.incarnation,
+                    status="claimed",
+                    claimed_at__lt=db_now_minus(grace),
+                ).values_list("task_id", flat=True)
+            )
+            if not claimed:
+                return
+            lost = claimed - set(list(state.requests))
+            if lost:
+                reclaim.reclaim(
+                    TaskQueue.objects.filter(
+                        task_id__in=lost,
+                        claimed_by=ident.pk,
+                        claimed_incarnation=ident.incarnation,
+                    ),
+                    reason="worker process lost",
+                    worker_name=ident.worker_id,
+                )
+        except (DatabaseError, InterfaceError) as exc:
+            self._on_db_error(exc)
+        except Exception:
+            logger.exception("worker_health: claim audit failed")
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()

@@ -187,18 +187,6 @@ def hand_back(identity: WorkerIdentity, *, include_running: bool) -> ReclaimOutc
     return reclaim(qs, reason="shutdown", worker_name=identity.worker_id, count=False)
 
 
-def audit_own_claims(identity: WorkerIdentity, in_memory: set[str], grace: float) -> ReclaimOutcome:
-    """Held rows of this incarnation that the worker no longer has in memory were lost
-    (a pool process died, or Celery dropped the message): reclaim them."""
-    qs = TaskQueue.objects.filter(
-        claimed_by=identity.pk,
-        claimed_incarnation=identity.incarnation,
-        status__in=("reserved", "claimed"),
-        claimed_at__lt=db_now_minus(grace),
-    ).exclude(task_id__in=in_memory)
-    return reclaim(qs, reason="worker process lost", worker_name=identity.worker_id)
-
-
 # --------------------------------------------------------------------------------------------
 # the mechanism
 

@@ -151,6 +151,25 @@ def test_poison_pill_is_quarantined_after_the_cap(stack: Stack) -> None:
     assert "quarantined" in result.result and "died while running it 3 times" in result.result
 
 
+def test_poison_pill_with_acks_late_and_reject_on_worker_lost(stack: Stack) -> None:
+    # With reject_on_worker_lost Celery requeues the message itself and sends no
+    # task_failure: a poison pill would loop forever. The claim audit reclaims it and the
+    # cap stops it; Celery's own requeued copies are skipped at claim time.
+    stack.settings.update(WORKER_HEALTH_MAX_RECLAIMS="1", EXAMPLE_ACKS_LATE="1")
+    stack.worker("late", concurrency=2)
+    poison = stack.publish("poison", 1)[0]
+    good = stack.publish("work", 4, kwargs={"seconds": 0.2})
+    wait_for(
+        lambda: tasks(stack).filter(task_id=poison, status="quarantined").exists(),
+        90,
+        what="the poison pill to be quarantined",
+    )
+    assert_each_ran_once(stack, good, timeout=60)
+    attempts = effects(stack).filter(label="poison").count()
+    time.sleep(5)
+    assert effects(stack).filter(label="poison").count() == attempts <= 3
+
+
 def test_zombie_completion_is_fenced(stack: Stack) -> None:
     zombie = stack.worker("zombie", concurrency=1)
     ids = stack.publish("work", 1, kwargs={"seconds": 8})
