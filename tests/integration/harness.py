@@ -245,9 +245,16 @@ class Stack:
             self.wait_registered(node, proc)
         return proc
 
-    def beat(self, name: str = "beat", *, scheduler: str | None = None, **env: str) -> Proc:
+    def beat(
+        self,
+        name: str = "beat",
+        *,
+        scheduler: str | None = None,
+        loglevel: str = "info",
+        **env: str,
+    ) -> Proc:
         argv = [
-            sys.executable, "-m", "celery", "-A", "example_project", "beat", "-l", "info",
+            sys.executable, "-m", "celery", "-A", "example_project", "beat", "-l", loglevel,
             "-s", str(self.workdir / "celerybeat-schedule"),
         ]
         if scheduler:
