@@ -8,14 +8,19 @@ deadline loop (``wait_for``); times are read from the database's clock.
 from __future__ import annotations
 
 import itertools
+import os
 import platform
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from typing import Any
 
 import celery
 import pytest
+from celery import Celery
 from celery.concurrency import get_implementation
+from celery.contrib.testing.worker import start_worker
 from django.db.models import Count
 
 from example_project.demo.models import Effect
@@ -360,4 +365,74 @@ def test_tracking_resumes_after_database_outage(
         lambda: tracked.filter(task_id__in=after, status="succeeded").count() == len(after),
         BOUND,
         what="tasks after the outage to be tracked as succeeded",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 10. in-thread workers (celery.contrib.testing), where ``worker_ready`` is never sent
+
+
+@pytest.fixture
+def in_memory_app(settings: Any) -> Iterator[Celery]:
+    """The example project's Celery app on the in-memory broker, with fast heartbeats;
+    its configuration and task classes are restored afterwards."""
+    from example_project.celery import app
+
+    settings.WORKER_HEALTH_HEARTBEAT_INTERVAL = 0.3
+    settings.WORKER_HEALTH_STALE_AFTER = 2.0
+    settings.WORKER_HEALTH_CHECK_INTERVAL = 0.5
+    overrides = {"broker_url": "memory://", "task_default_queue": "wh-in-thread"}
+    saved_conf = {key: app.conf[key] for key in overrides}
+    # the worker installs its claim hook on the task classes of this process: undo it
+    patched = ("before_start", "_worker_health_original_before_start", "_worker_health_claims")
+    saved_classes = {
+        type(task): {
+            name: type(task).__dict__[name] for name in patched if name in type(task).__dict__
+        }
+        for task in app.tasks.values()
+    }
+    app.conf.update(overrides)
+    try:
+        yield app
+    finally:
+        app.conf.update(saved_conf)
+        for cls, attributes in saved_classes.items():
+            for name in patched:
+                if name in attributes:
+                    setattr(cls, name, attributes[name])
+                elif name in cls.__dict__:
+                    delattr(cls, name)
+
+
+def test_in_thread_worker_registers(in_memory_app: Celery) -> None:
+    """``start_worker`` never sends ``worker_ready``: the worker registers all the same,
+    beats while it runs, and goes offline when it stops."""
+    node = f"in-thread-{uuid.uuid4().hex[:8]}@{HOST}"
+    workers = WorkerRegistry.objects.using("default")
+    beats: list[datetime] = []
+
+    def beat_seen() -> bool:
+        value = workers.filter(worker_id=node).values_list("last_heartbeat", flat=True).first()
+        if value is not None and (not beats or value != beats[-1]):
+            beats.append(value)
+        return len(beats) >= 4
+
+    with start_worker(
+        in_memory_app, pool="solo", hostname=node, perform_ping_check=False, shutdown_timeout=30
+    ):
+        row = wait_for(
+            lambda: workers.filter(worker_id=node, status="active").first(),
+            BOUND,
+            what=f"{node} to register",
+        )
+        assert row.metadata["pid"] == os.getpid()
+        assert row.metadata["pool"] == "solo"
+        assert row.metadata["incarnation"] == str(row.incarnation)
+        assert row.metadata["queues"] == ["wh-in-thread"]
+        wait_for(beat_seen, BOUND, what="the in-thread worker's heartbeats")
+        assert beats == sorted(beats)
+    wait_for(
+        lambda: workers.filter(worker_id=node, status="offline").exists(),
+        BOUND,
+        what=f"{node} to go offline when it stops",
     )
