@@ -331,7 +331,7 @@ def test_mark_offline_asks_before_draining_a_live_worker(client: Client) -> None
     live = make_worker("live@host")
     response = post_action(client, WORKERS, "mark_offline", [live])
     assert response.status_code == 200
-    assert b"Stop the worker process first" in response.content
+    assert b"shut down warmly" in response.content
     live.refresh_from_db()
     assert live.status == "active"
     post_action(client, WORKERS, "mark_offline", [live], confirm="yes")

@@ -237,12 +237,6 @@ def test_real_manage_py_check_exits_non_zero() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: check_settings() returns right after E001-E003 (worker_health/checks.py, "
-    "'if errors: return errors'), so E006-E009 for other settings are only reported once the "
-    "interval settings are fixed; Django's checks report every problem in one run",
-)
 def test_all_problems_are_reported_in_one_run(clean: SettingsWrapper) -> None:
     configure(clean, {"HEARTBEAT_INTERVAL": 0, "MAX_RECLAIMS": -1, "BEAT_SCHEDULE": "yes"})
     assert ids() == ["worker_health.E001", "worker_health.E006", "worker_health.E007"]

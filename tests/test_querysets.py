@@ -566,14 +566,6 @@ def test_record_sweep_done(alias: str) -> None:
     assert state.last_success_at is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: TaskQuerySet.claim() treats an IntegrityError on its fallback INSERT as a "
-    "duplicate delivery; when the row was inserted concurrently in a claimable state (the "
-    "worker's own Recorder.reserve() or the publisher's on_commit record_published() between "
-    "claim's UPDATE and its INSERT) the delivery is skipped with Ignore instead of claimed "
-    "(worker_health/querysets.py, claim(): 'except IntegrityError: return None')",
-)
 def test_claim_racing_with_the_insert_of_a_queued_row_still_claims_it(
     alias: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -600,12 +592,6 @@ def test_claim_racing_with_the_insert_of_a_queued_row_still_claims_it(
     assert (task.status, task.claimed_by_id) == ("claimed", worker.pk)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DetectorStateManager.take_sweep_lease() truncates ``who`` to 255 characters "
-    "when it updates the row but not when it creates it (worker_health/querysets.py, "
-    "self.create(..., last_sweep_by=who)); PostgreSQL raises DataError on the first sweep",
-)
 def test_sweep_lease_truncates_a_long_detector_name(alias: str) -> None:
     manager = DetectorState.objects.db_manager(alias)
     who = "beat@" + "h" * 300

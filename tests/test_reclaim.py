@@ -340,8 +340,12 @@ def test_reclaim_of_an_offline_workers_leftovers(
     published: Published,
     django_capture_on_commit_callbacks: CaptureCallbacks,
 ) -> None:
-    gone = make_worker("default", "gone@host", status="offline")
+    # offline and silent for longer than STALE_AFTER: whatever it still holds is lost
+    gone = make_worker("default", "gone@host", status="offline", heartbeat_age=3600)
     claimed_task("default", "t1", gone)
+    # offline (drained by an operator) but still heartbeating: it is finishing its work
+    draining = make_worker("default", "draining@host", status="offline")
+    claimed_task("default", "t2", draining)
     with django_capture_on_commit_callbacks(execute=True):
         outcome = reclaim.reclaim_orphans()
     assert outcome.reclaimed == ["t1"]

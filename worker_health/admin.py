@@ -42,7 +42,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from . import reclaim
+from . import drain, reclaim
 from .conf import settings
 from .metrics import (
     CAPPED_TASK_STATUSES,
@@ -62,7 +62,6 @@ from .models import (
     WorkerRegistry,
     event,
 )
-from .signals import worker_offline
 
 logger = logging.getLogger("worker_health")
 
@@ -486,19 +485,15 @@ class WorkerRegistryAdmin(ReadOnlyAdmin):
                 action="mark_offline",
                 title="Mark live workers offline?",
                 warnings=[
-                    f"{', '.join(live[:20])} still heartbeat{'s' if len(live) == 1 else ''}. "
-                    "Stop the worker process first (e.g. celery control shutdown): a running "
-                    "worker marks itself active again at its next heartbeat, and until then "
-                    "the detector reclaims the tasks it holds."
+                    f"{', '.join(live[:20])} still heartbeat{'s' if len(live) == 1 else ''}: "
+                    "each will see the mark at its next heartbeat and shut down warmly, "
+                    "finishing the tasks it runs and handing back the ones it holds."
                 ],
             )
-        changed = 0
-        for worker in queryset:
-            if WorkerRegistry.objects.mark_offline(worker.worker_id):
-                changed += 1
-                worker.refresh_from_db()
-                event(EventKind.WORKER_OFFLINE, worker=worker, drained_by=str(request.user))
-                worker_offline.send_robust(sender=WorkerRegistry, worker=worker)
+        changed = sum(
+            drain.mark_offline(worker.worker_id, drained_by=str(request.user))
+            for worker in queryset
+        )
         self.message_user(request, f"Marked {changed} worker(s) offline.", messages.SUCCESS)
         return None
 

@@ -29,15 +29,12 @@ def _number_setting(name: str, error_id: str) -> tuple[float | None, list[checks
     return number, []
 
 
-def check_settings(app_configs: Sequence[Any] | None = None, **_: Any) -> list[checks.CheckMessage]:
+def _relations(
+    heartbeat: float | None, stale: float | None, check: float | None, invalid: bool
+) -> list[checks.CheckMessage]:
+    """How the three intervals relate; skipped when one of them is invalid already."""
     errors: list[checks.CheckMessage] = []
-    heartbeat, msgs = _number_setting("HEARTBEAT_INTERVAL", "worker_health.E001")
-    errors += msgs
-    stale, msgs = _number_setting("STALE_AFTER", "worker_health.E002")
-    errors += msgs
-    check, msgs = _number_setting("CHECK_INTERVAL", "worker_health.E003")
-    errors += msgs
-    if errors:
+    if invalid:
         return errors
     heartbeat = heartbeat or DEFAULT_HEARTBEAT_INTERVAL
     stale = stale or 2 * heartbeat
@@ -73,6 +70,18 @@ def check_settings(app_configs: Sequence[Any] | None = None, **_: Any) -> list[c
                 id="worker_health.W001",
             )
         )
+    return errors
+
+
+def check_settings(app_configs: Sequence[Any] | None = None, **_: Any) -> list[checks.CheckMessage]:
+    errors: list[checks.CheckMessage] = []
+    heartbeat, msgs = _number_setting("HEARTBEAT_INTERVAL", "worker_health.E001")
+    errors += msgs
+    stale, msgs = _number_setting("STALE_AFTER", "worker_health.E002")
+    errors += msgs
+    check, msgs = _number_setting("CHECK_INTERVAL", "worker_health.E003")
+    errors += msgs
+    errors += _relations(heartbeat, stale, check, bool(errors))
     if settings.is_set("BEAT_SCHEDULE") and not isinstance(settings.raw("BEAT_SCHEDULE"), bool):
         errors.append(
             checks.Error(

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import celery
 from celery import bootsteps
 from django.db import DatabaseError, InterfaceError, close_old_connections, connections
-from django.db.models.functions import Now
 
 from .conf import settings
 from .querysets import db_now_minus
@@ -155,6 +154,7 @@ class Heart:
         self._last_sweep_try = 0.0
         self.registered = identity.pk is not None
         self.beats = 0
+        self.draining = False
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -246,6 +246,19 @@ class Heart:
                 extra={"worker_id": ident.worker_id},
             )
             return
+        if row["status"] == "offline":
+            # An operator drained this worker: keep beating while it finishes, and shut
+            # down warmly (once) as if it had been sent SIGTERM.
+            WorkerRegistry.objects.beat_draining(ident.worker_id, ident.incarnation, processed)
+            if not self.draining:
+                self.draining = True
+                logger.warning(
+                    "worker_health: %s was marked offline; shutting down warmly",
+                    ident.worker_id,
+                    extra={"worker_id": ident.worker_id},
+                )
+                request_warm_shutdown()
+            return
         if WorkerRegistry.objects.recover(ident.worker_id, ident.incarnation, processed):
             worker = WorkerRegistry.objects.get(worker_id=ident.worker_id)
             event(EventKind.WORKER_RECOVERED, worker=worker, previous_status=row["status"])
@@ -263,7 +276,7 @@ class Heart:
         for conn in connections.all(initialized_only=True):
             try:
                 conn.close()
-            except Exception:  # noqa: S110 - the connection is broken anyway
+            except Exception:
                 pass
         if self._outage_started is None:
             self._outage_started = time.monotonic()
@@ -358,6 +371,13 @@ def on_worker_init(sender: WorkController, **_: Any) -> None:
         connections.close_all()
 
 
+def request_warm_shutdown() -> None:
+    """Ask this process's worker to shut down warmly, as its SIGTERM handler does."""
+    from celery.worker import state
+
+    state.should_stop = 0
+
+
 def on_worker_shutdown(sender: WorkController, **_: Any) -> None:
     """``worker_shutdown`` (warm): running tasks are done; hand back the rest, go offline."""
     identity = _identities.get(getattr(sender, "hostname", ""))
@@ -366,20 +386,14 @@ def on_worker_shutdown(sender: WorkController, **_: Any) -> None:
 
 
 def stop_worker(identity: WorkerIdentity, *, cold: bool) -> None:
-    from . import reclaim
-    from .models import EventKind, WorkerRegistry, event
-    from .signals import worker_offline
+    from . import drain, reclaim
 
     if identity.heart is not None:
         identity.heart.stop()
     try:
         close_old_connections()
         reclaim.hand_back(identity, include_running=cold)
-        if WorkerRegistry.objects.mark_offline(identity.worker_id, identity.incarnation):
-            worker = WorkerRegistry.objects.get(worker_id=identity.worker_id)
-            event(EventKind.WORKER_OFFLINE, worker=worker, cold=cold)
-            logger.info("worker_offline", extra={"worker_id": identity.worker_id})
-            worker_offline.send_robust(sender=WorkerRegistry, worker=worker)
+        drain.mark_offline(identity.worker_id, identity.incarnation, cold=cold)
     except Exception:
         logger.exception("worker_health: could not mark %s offline", identity.worker_id)
     finally:

@@ -18,7 +18,7 @@ from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
 from django.db.models.functions import Now
 
 if TYPE_CHECKING:
-    from .models import DetectorState, TaskQueue, WorkerEvent, WorkerRegistry
+    from .models import WorkerRegistry
 
 
 def db_now_minus(seconds: float) -> models.Expression:
@@ -73,9 +73,9 @@ class WorkerQuerySet(models.QuerySet["WorkerRegistry"]):
                     with transaction.atomic(using=self.db):
                         self.create(worker_id=worker_id, **fields)
                 except IntegrityError:  # registered concurrently under the same name
-                    previous = self.filter(worker_id=worker_id).values(
-                        "incarnation", "status"
-                    ).first()
+                    previous = (
+                        self.filter(worker_id=worker_id).values("incarnation", "status").first()
+                    )
             if previous is not None:
                 self.filter(worker_id=worker_id).update(**fields)
         worker = self.get(worker_id=worker_id)
@@ -89,17 +89,19 @@ class WorkerQuerySet(models.QuerySet["WorkerRegistry"]):
             last_heartbeat=Now(), tasks_processed=tasks_processed
         )
 
+    def beat_draining(self, worker_id: str, incarnation: uuid.UUID, tasks_processed: int) -> int:
+        """Heartbeat of a worker marked offline that is still finishing its work."""
+        return self.filter(worker_id=worker_id, incarnation=incarnation, status="offline").update(
+            last_heartbeat=Now(), tasks_processed=tasks_processed
+        )
+
     def recover(self, worker_id: str, incarnation: uuid.UUID, tasks_processed: int) -> int:
-        """A worker that was failed (or marked offline) heartbeats again: make it active."""
-        return (
-            self.filter(worker_id=worker_id, incarnation=incarnation)
-            .exclude(status="active")
-            .update(
-                status="active",
-                last_heartbeat=Now(),
-                status_changed_at=Now(),
-                tasks_processed=tasks_processed,
-            )
+        """A worker declared failed heartbeats again (it was paused or cut off): active."""
+        return self.filter(worker_id=worker_id, incarnation=incarnation, status="failed").update(
+            status="active",
+            last_heartbeat=Now(),
+            status_changed_at=Now(),
+            tasks_processed=tasks_processed,
         )
 
     def mark_offline(self, worker_id: str, incarnation: uuid.UUID | None = None) -> int:
@@ -116,15 +118,11 @@ class WorkerQuerySet(models.QuerySet["WorkerRegistry"]):
     def fail_if_stale(self, pk: int, stale_after: float) -> bool:
         """Mark one worker failed if it is still active and stale; True if this call did it."""
         return bool(
-            self.stale(stale_after)
-            .filter(pk=pk)
-            .update(status="failed", status_changed_at=Now())
+            self.stale(stale_after).filter(pk=pk).update(status="failed", status_changed_at=Now())
         )
 
     def delete_inactive_older_than(self, days: float) -> int:
-        qs = self.exclude(status="active").filter(
-            status_changed_at__lt=db_now_minus(days * 86400)
-        )
+        qs = self.exclude(status="active").filter(status_changed_at__lt=db_now_minus(days * 86400))
         deleted, _ = qs.delete()
         return deleted
 
@@ -182,13 +180,16 @@ MESSAGE_FIELDS = (
 
 
 def _holder_alive() -> Exists:
-    """The worker incarnation that holds a row is still registered and active."""
+    """The worker incarnation that holds a row still runs: active, or draining (marked
+    offline but still heartbeating)."""
+    from .conf import settings
     from .models import WorkerRegistry
 
+    draining = Q(status="offline", last_heartbeat__gte=db_now_minus(settings.STALE_AFTER))
     return Exists(
         WorkerRegistry.objects.filter(
+            Q(status="active") | draining,
             pk=OuterRef("claimed_by"),
-            status="active",
             incarnation=OuterRef("claimed_incarnation"),
         )
     )
@@ -204,7 +205,12 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         return self.filter(status__in=("reserved", "claimed")).exclude(_holder_alive())
 
     def record_published(
-        self, *, task_id: str, task_name: str, queue: str, eta: datetime | None,
+        self,
+        *,
+        task_id: str,
+        task_name: str,
+        queue: str,
+        eta: datetime | None,
         expires: datetime | None,
     ) -> None:
         """The publisher's single statement: insert the row unless a worker already did."""
@@ -263,20 +269,23 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         claimable = Q(status__in=("queued", "reserved", "reclaiming")) | (
             Q(status="claimed") & ~_holder_alive()
         )
-        updated = (
-            self.filter(task_id=task_id)
-            .filter(claimable)
-            .update(
-                status="claimed",
-                claimed_by=worker_pk,
-                claimed_incarnation=incarnation,
-                claimed_at=Now(),
-                fencing_token=F("fencing_token") + 1,
-                reclaim_lease=None,
-                updated_at=Now(),
+
+        def take() -> int:
+            return (
+                self.filter(task_id=task_id)
+                .filter(claimable)
+                .update(
+                    status="claimed",
+                    claimed_by=worker_pk,
+                    claimed_incarnation=incarnation,
+                    claimed_at=Now(),
+                    fencing_token=F("fencing_token") + 1,
+                    reclaim_lease=None,
+                    updated_at=Now(),
+                )
             )
-        )
-        if not updated:
+
+        if not take():
             try:
                 with transaction.atomic(using=self.db):
                     self.create(
@@ -292,7 +301,10 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
                     )
                 return 1
             except IntegrityError:
-                return None  # the row exists and is not claimable: a duplicate delivery
+                # The row appeared meanwhile (the publisher's insert, or this worker's own
+                # record of the delivery): claim it if it is claimable, else it's a duplicate.
+                if not take():
+                    return None
         return (
             self.filter(
                 task_id=task_id,
@@ -369,9 +381,7 @@ class EventQuerySet(models.QuerySet["WorkerEvent"]):
         total = 0
         cutoff = db_now_minus(older_than.total_seconds())
         while True:
-            pks = list(
-                self.filter(created_at__lt=cutoff).values_list("pk", flat=True)[:batch_size]
-            )
+            pks = list(self.filter(created_at__lt=cutoff).values_list("pk", flat=True)[:batch_size])
             if not pks:
                 return total
             deleted, _ = self.filter(pk__in=pks).delete()
@@ -389,7 +399,9 @@ class DetectorStateManager(models.Manager["DetectorState"]):
         gap_exceeded = Q(last_sweep_at__isnull=True) | Q(last_sweep_at__lt=db_now_minus(outage_gap))
         qs = self.filter(pk=1)
         if not force:
-            qs = qs.filter(Q(last_sweep_at__isnull=True) | Q(last_sweep_at__lte=db_now_minus(spacing)))
+            qs = qs.filter(
+                Q(last_sweep_at__isnull=True) | Q(last_sweep_at__lte=db_now_minus(spacing))
+            )
         updated = qs.update(
             observing_since=Case(When(gap_exceeded, then=Now()), default=F("observing_since")),
             last_sweep_at=Now(),
@@ -400,7 +412,9 @@ class DetectorStateManager(models.Manager["DetectorState"]):
         if not self.filter(pk=1).exists():
             try:
                 with transaction.atomic(using=self.db):
-                    self.create(pk=1, last_sweep_at=Now(), observing_since=Now(), last_sweep_by=who)
+                    self.create(
+                        pk=1, last_sweep_at=Now(), observing_since=Now(), last_sweep_by=who[:255]
+                    )
                 return True
             except IntegrityError:
                 return False
