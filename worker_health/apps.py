@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from django.apps import AppConfig
 from django.utils.translation import gettext_lazy as _
 
@@ -18,7 +21,7 @@ class WorkerHealthConfig(AppConfig):
         django_checks.register(checks.check_settings, "worker_health")
         django_checks.register(checks.check_alert_and_endpoint_settings, "worker_health")
 
-        connections = [
+        connections: list[tuple[Any, Callable[..., None], str]] = [
             (celery_signals.worker_init, checks.on_worker_init, "checks.worker_init"),
             (celery_signals.worker_init, heartbeat.on_worker_init, "heartbeat.worker_init"),
             (celery_signals.worker_init, tracking.install_claim_hooks, "tracking.worker_init"),

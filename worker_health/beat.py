@@ -47,9 +47,7 @@ def install(app: Any) -> None:
     if getattr(app, "_worker_health_beat", False):
         return
     app._worker_health_beat = True
-    app.on_after_configure.connect(
-        lambda sender, **_: _add_entries(sender), weak=False
-    )
+    app.on_after_configure.connect(lambda sender, **_: _add_entries(sender), weak=False)
     if app.configured:
         _add_entries(app)
 
@@ -57,6 +55,6 @@ def install(app: Any) -> None:
 def install_everywhere() -> None:
     from celery import _state
 
-    for app in list(_state._get_active_apps()):
+    for app in list(_state._get_active_apps()):  # type: ignore[attr-defined]
         install(app)
     _state.connect_on_app_finalize(install)

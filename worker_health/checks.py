@@ -90,9 +90,11 @@ def check_settings(app_configs: Sequence[Any] | None = None, **_: Any) -> list[c
                 id="worker_health.E006",
             )
         )
-    for name, error_id in (("MAX_RECLAIMS", "worker_health.E007"),
-                           ("TRACK_TASKS", "worker_health.E008"),
-                           ("RETENTION", "worker_health.E009")):
+    for name, error_id in (
+        ("MAX_RECLAIMS", "worker_health.E007"),
+        ("TRACK_TASKS", "worker_health.E008"),
+        ("RETENTION", "worker_health.E009"),
+    ):
         try:
             getattr(settings, name)
         except ImproperlyConfigured as exc:
@@ -120,8 +122,6 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         raise ImproperlyConfigured(
             "worker_health is misconfigured:\n" + "\n".join(str(e) for e in errors)
         )
-
-
 
 
 def check_alert_and_endpoint_settings(
@@ -162,8 +162,12 @@ def check_alert_and_endpoint_settings(
         ("ALERT_ON", "worker_health.E012", "e.g. ['worker_failed', 'task_quarantined']."),
         ("ALERT_RATE_LIMIT", "worker_health.E013", "A whole number of alerts such as 10."),
         ("ALERT_WINDOW", "worker_health.E014", _SECONDS_HINT),
-        ("API_TOKEN", "worker_health.E015", "A long random string, e.g. from "
-         "secrets.token_urlsafe(32), read from the environment; or None."),
+        (
+            "API_TOKEN",
+            "worker_health.E015",
+            "A long random string, e.g. from "
+            "secrets.token_urlsafe(32), read from the environment; or None.",
+        ),
         ("MIN_ACTIVE_WORKERS", "worker_health.E016", "A whole number such as 1."),
         ("READY_PUBLIC", "worker_health.E017", "True or False."),
     ):

@@ -7,6 +7,7 @@ unreachable, and while Celery's event loop is blocked. It never touches the brok
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -274,10 +275,8 @@ class Heart:
     def _on_db_error(self, exc: BaseException) -> None:
         close_old_connections()
         for conn in connections.all(initialized_only=True):
-            try:
+            with contextlib.suppress(Exception):  # the connection is broken anyway
                 conn.close()
-            except Exception:
-                pass
         if self._outage_started is None:
             self._outage_started = time.monotonic()
             logger.warning(
@@ -346,7 +345,7 @@ class Heart:
 # wiring into the worker
 
 
-def on_worker_init(sender: WorkController, **_: Any) -> None:
+def on_worker_init(sender: Any, **_: Any) -> None:
     """``worker_init``: identify the worker and add the heartbeat bootstep."""
     incarnation = uuid.uuid4()
     identity = WorkerIdentity(
@@ -375,10 +374,10 @@ def request_warm_shutdown() -> None:
     """Ask this process's worker to shut down warmly, as its SIGTERM handler does."""
     from celery.worker import state
 
-    state.should_stop = 0
+    state.should_stop = 0  # type: ignore[assignment]
 
 
-def on_worker_shutdown(sender: WorkController, **_: Any) -> None:
+def on_worker_shutdown(sender: Any, **_: Any) -> None:
     """``worker_shutdown`` (warm): running tasks are done; hand back the rest, go offline."""
     identity = _identities.get(getattr(sender, "hostname", ""))
     if identity is not None:
@@ -407,19 +406,19 @@ class HeartbeatStep(bootsteps.StartStopStep):
     label = "worker-health heartbeat"
     requires = ("celery.worker.components:Pool",)
 
-    def create(self, w: WorkController) -> HeartbeatStep:
+    def create(self, w: Any) -> Any:
         self._identity = _identities.get(w.hostname)
         return self
 
     # StartStopStep calls these on ``self.obj``, which ``create`` made ``self``.
-    def start(self, parent: Any = None) -> None:  # type: ignore[override]
+    def start(self, parent: Any = None) -> None:
         if self._identity is not None and self._identity.heart is not None:
             self._identity.heart.start()
 
-    def stop(self, parent: Any = None) -> None:  # type: ignore[override]
+    def stop(self, parent: Any = None) -> None:
         # Warm shutdown: keep beating while the pool drains; ``worker_shutdown`` ends it.
         pass
 
-    def terminate(self, parent: Any = None) -> None:  # type: ignore[override]
+    def terminate(self, parent: Any = None) -> None:
         if self._identity is not None and self._identity.worker_id in _identities:
             stop_worker(self._identity, cold=True)

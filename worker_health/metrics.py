@@ -183,7 +183,9 @@ class WorkerHealthCollector:
             .values_list("worker_id", "last_heartbeat", "db_now")
         )
         for worker_id, last_heartbeat, db_now in rows:
-            ages.add_metric([worker_id], max(0.0, (db_now - last_heartbeat).total_seconds()))
+            if db_now is not None and last_heartbeat is not None:
+                age = (db_now - last_heartbeat).total_seconds()
+                ages.add_metric([worker_id], max(0.0, age))
         yield ages
         yield GaugeMetricFamily(
             "worker_health_stale_after_seconds",
@@ -213,27 +215,40 @@ class WorkerHealthCollector:
         totals = event_totals(kind for kind, _, _ in counters)
         for kind, name, doc in counters:
             yield CounterMetricFamily(
-                name, doc + " Counted from the event log, which is pruned after RETENTION.",
+                name,
+                doc + " Counted from the event log, which is pruned after RETENTION.",
                 value=totals[kind],
             )
 
-        detector = DetectorState.objects.filter(pk=1).values(
-            "last_sweep_at", "last_sweep_duration", "last_success_at"
-        ).first() or {}
+        detector: dict[str, Any] = dict(
+            DetectorState.objects.filter(pk=1)
+            .values("last_sweep_at", "last_sweep_duration", "last_success_at")
+            .first()
+            or {}
+        )
         for field, name, doc in (
-            ("last_sweep_duration", "worker_health_detector_last_sweep_duration_seconds",
-             "Duration of the last completed detector sweep."),
-            ("last_success_at", "worker_health_detector_last_success_timestamp_seconds",
-             "Unix time at which the last detector sweep completed."),
-            ("last_sweep_at", "worker_health_detector_last_sweep_timestamp_seconds",
-             "Unix time at which the last detector sweep started."),
+            (
+                "last_sweep_duration",
+                "worker_health_detector_last_sweep_duration_seconds",
+                "Duration of the last completed detector sweep.",
+            ),
+            (
+                "last_success_at",
+                "worker_health_detector_last_success_timestamp_seconds",
+                "Unix time at which the last detector sweep completed.",
+            ),
+            (
+                "last_sweep_at",
+                "worker_health_detector_last_sweep_timestamp_seconds",
+                "Unix time at which the last detector sweep started.",
+            ),
         ):
             value = detector.get(field)
             if value is None:
                 continue
             if isinstance(value, datetime):
                 value = value.timestamp()
-            yield GaugeMetricFamily(name, doc, value=value)
+            yield GaugeMetricFamily(name, doc, value=float(value))
 
 
 def register(registry: CollectorRegistry | None = None) -> Collector:

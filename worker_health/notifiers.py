@@ -287,8 +287,11 @@ def task_reclaimed_alert(task: Any, worker_id: str = "", reason: str = "", **_: 
         f"published again (reclaimed {task.reclaim_count} time(s)).",
         worker_id=worker_id,
         task_id=task.task_id,
-        details={"task_name": task.task_name, "reason": reason,
-                 "reclaim_count": task.reclaim_count},
+        details={
+            "task_name": task.task_name,
+            "reason": reason,
+            "reclaim_count": task.reclaim_count,
+        },
         key=f"task_reclaimed:{task.task_id}:{_iso(task.reclaimed_at)}",
     )
 
@@ -501,9 +504,7 @@ SUMMARY_LABELS = {
 
 def summary_alert(folded: list[Alert]) -> Alert:
     counts = Counter(a.kind for a in folded)
-    what = ", ".join(
-        f"{SUMMARY_LABELS.get(kind, kind)}: {n}" for kind, n in sorted(counts.items())
-    )
+    what = ", ".join(f"{SUMMARY_LABELS.get(kind, kind)}: {n}" for kind, n in sorted(counts.items()))
     lines = [a.subject for a in folded[:50]]
     if len(folded) > 50:
         lines.append(f"... and {len(folded) - 50} more")

@@ -25,6 +25,5 @@ def probe(worker_id: str | None, host: str) -> tuple[bool, str]:
     if row is None:
         return False, f"unhealthy: {target} is not registered"
     return False, (
-        f"unhealthy: {row['worker_id']} is {row['status']}, last heartbeat "
-        f"{row['last_heartbeat']}"
+        f"unhealthy: {row['worker_id']} is {row['status']}, last heartbeat {row['last_heartbeat']}"
     )

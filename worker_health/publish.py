@@ -27,7 +27,7 @@ def republish(task: TaskQueue) -> None:
     """Publish ``task``'s recorded message again through the current Celery app."""
     if task.body is None:
         raise ValueError(f"task {task.task_id} has no recorded message to publish")
-    app = current_app._get_current_object()
+    app = current_app
     body = bytes(task.body)
     queue = app.amqp.queues.get(task.queue) if task.queue else None
     with app.producer_or_acquire() as producer:

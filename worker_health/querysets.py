@@ -18,7 +18,7 @@ from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
 from django.db.models.functions import Now
 
 if TYPE_CHECKING:
-    from .models import WorkerRegistry
+    from .models import DetectorState, TaskQueue, WorkerEvent, WorkerRegistry  # noqa: F401
 
 
 def db_now_minus(seconds: float) -> models.Expression:

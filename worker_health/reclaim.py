@@ -16,6 +16,7 @@ A sweep
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -138,10 +139,7 @@ def reclaim_orphans() -> ReclaimOutcome:
     """Reclaim every task held by a worker incarnation that is no longer active."""
     outcome = ReclaimOutcome()
     holders = (
-        TaskQueue.objects.orphaned()
-        .order_by()
-        .values_list("claimed_by", flat=True)
-        .distinct()
+        TaskQueue.objects.orphaned().order_by().values_list("claimed_by", flat=True).distinct()
     )
     for worker_pk in list(holders):
         worker = WorkerRegistry.objects.filter(pk=worker_pk).first()
@@ -281,8 +279,8 @@ def reclaim(
                 else:
                     batch.reclaimed.append(row["task_id"])
             transaction.on_commit(
-                lambda lease=lease, batch=batch, q=quarantined_rows: _after_commit(
-                    lease, batch, q, reason, worker_name, db
+                functools.partial(
+                    _after_commit, lease, batch, quarantined_rows, reason, worker_name, db
                 ),
                 using=db,
             )
@@ -418,9 +416,11 @@ def flush_outbox() -> list[str]:
         for pk, status, old_lease, old_at in list(
             qs.values_list("pk", "status", "reclaim_lease", "reclaimed_at")[:1000]
         ):
-            taken += TaskQueue.objects.using(db).filter(
-                pk=pk, status=status, reclaim_lease=old_lease, reclaimed_at=old_at
-            ).update(status=TaskStatus.RECLAIMING, reclaim_lease=lease, reclaimed_at=Now())
+            taken += (
+                TaskQueue.objects.using(db)
+                .filter(pk=pk, status=status, reclaim_lease=old_lease, reclaimed_at=old_at)
+                .update(status=TaskStatus.RECLAIMING, reclaim_lease=lease, reclaimed_at=Now())
+            )
     if not taken:
         return []
     return sorted(publish_reclaimed(Q(reclaim_lease=lease), db))

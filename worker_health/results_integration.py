@@ -34,7 +34,7 @@ def mark_quarantined(task_id: str, message: str) -> None:
     from celery import current_app
 
     try:
-        app = current_app._get_current_object()
+        app = current_app
         if app.conf.result_backend or installed():
             app.backend.mark_as_failure(task_id, TaskQuarantined(message))
     except Exception:

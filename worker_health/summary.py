@@ -44,11 +44,14 @@ def health_summary(include_workers: bool = True, include_tasks: bool = True) -> 
             .values_list("status")
             .annotate(n=Count("pk"))
         )
-        summary["tasks"] = {s: held.get(s, 0) for s in ("reserved", "claimed", "reclaiming",
-                                                          "quarantined")}
-    detector = DetectorState.objects.filter(pk=1).values(
-        "last_sweep_at", "last_success_at", "last_sweep_by", "last_sweep_duration"
-    ).first()
+        summary["tasks"] = {
+            s: held.get(s, 0) for s in ("reserved", "claimed", "reclaiming", "quarantined")
+        }
+    detector = (
+        DetectorState.objects.filter(pk=1)
+        .values("last_sweep_at", "last_success_at", "last_sweep_by", "last_sweep_duration")
+        .first()
+    )
     summary["detector"] = {
         "last_sweep_at": _iso(detector["last_sweep_at"]) if detector else None,
         "last_sweep_by": detector["last_sweep_by"] if detector else None,
@@ -56,8 +59,13 @@ def health_summary(include_workers: bool = True, include_tasks: bool = True) -> 
     }
     if include_workers:
         rows = WorkerRegistry.objects.annotate(db_now=Now()).values(
-            "worker_id", "status", "last_heartbeat", "tasks_processed", "started_at",
-            "db_now", "metadata",
+            "worker_id",
+            "status",
+            "last_heartbeat",
+            "tasks_processed",
+            "started_at",
+            "db_now",
+            "metadata",
         )
         workers = []
         for row in rows:

@@ -232,9 +232,7 @@ class Recorder:
                 batch.append(self._items.popleft())
             try:
                 deliveries = [item for item in batch if isinstance(item, Delivery)]
-                TaskQueue.objects.reserve(
-                    deliveries, self.identity.pk, self.identity.incarnation
-                )
+                TaskQueue.objects.reserve(deliveries, self.identity.pk, self.identity.incarnation)
                 for item in batch:
                     if not isinstance(item, Delivery):
                         item()
@@ -355,14 +353,9 @@ def _claim(task: Task, task_id: str, queue: str, identity: WorkerIdentity) -> in
 def _record_duplicate(task_id: str, identity: WorkerIdentity) -> None:
     from .models import EventKind, event
 
-    try:
-        dbthread.submit(
-            lambda: event(
-                EventKind.DUPLICATE_DELIVERY, worker_name=identity.worker_id, task_id=task_id
-            )
-        )
-    except Exception:  # pragma: no cover - informational
-        pass
+    dbthread.submit(
+        lambda: event(EventKind.DUPLICATE_DELIVERY, worker_name=identity.worker_id, task_id=task_id)
+    )
 
 
 FINAL_STATUS = {
@@ -443,6 +436,6 @@ def install_claim_hooks(sender: WorkController, **_: Any) -> None:
         if cls.__dict__.get("_worker_health_claims"):
             continue
         current = cls.before_start if task_has_custom(task, "before_start") else None
-        cls._worker_health_original_before_start = current  # type: ignore[attr-defined]
-        cls.before_start = claim_before_start  # type: ignore[method-assign,assignment]
-        cls._worker_health_claims = True  # type: ignore[attr-defined]
+        cls._worker_health_original_before_start = current
+        cls.before_start = claim_before_start
+        cls._worker_health_claims = True
