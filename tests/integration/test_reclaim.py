@@ -80,9 +80,11 @@ def test_sigkill_running_and_prefetched_tasks_run_exactly_once(stack: Stack) -> 
     killed_at = time.monotonic()
 
     wait_for(
-        lambda: WorkerRegistry.objects.using(stack.alias)
-        .filter(worker_id=stack.node("victim"), status="failed")
-        .exists(),
+        lambda: (
+            WorkerRegistry.objects.using(stack.alias)
+            .filter(worker_id=stack.node("victim"), status="failed")
+            .exists()
+        ),
         BOUND + MARGIN,
         what="victim failed",
     )
@@ -144,7 +146,9 @@ def test_poison_pill_is_quarantined_after_the_cap(stack: Stack) -> None:
     from django_celery_results.models import TaskResult
 
     result = wait_for(
-        lambda: TaskResult.objects.using(stack.alias).filter(task_id=poison, status="FAILURE").first(),
+        lambda: (
+            TaskResult.objects.using(stack.alias).filter(task_id=poison, status="FAILURE").first()
+        ),
         20,
         what="TaskResult FAILURE",
     )

@@ -23,10 +23,10 @@ def test_life_cycle_and_message_recorded(stack: Stack) -> None:
     stack.worker("life", concurrency=1)
     ids = stack.publish("work", 2, kwargs={"seconds": 0.1, "label": "life"})
     wait_for(
-        lambda: TaskQueue.objects.using(stack.alias)
-        .filter(task_id__in=ids, status="succeeded")
-        .count()
-        == 2,
+        lambda: (
+            TaskQueue.objects.using(stack.alias).filter(task_id__in=ids, status="succeeded").count()
+            == 2
+        ),
         60,
         what="tasks to succeed",
     )
@@ -52,16 +52,20 @@ def test_retry_goes_back_to_queued_and_runs_again(stack: Stack) -> None:
         what="retried tasks to take effect",
     )
     wait_for(
-        lambda: TaskQueue.objects.using(stack.alias)
-        .filter(task_id__in=ids, status="succeeded", fencing_token=2)
-        .count()
-        == 3,
+        lambda: (
+            TaskQueue.objects.using(stack.alias)
+            .filter(task_id__in=ids, status="succeeded", fencing_token=2)
+            .count()
+            == 3
+        ),
         30,
         what="each retried task claimed twice and succeeded",
     )
-    assert not WorkerEvent.objects.using(stack.alias).filter(
-        kind__in=[EventKind.DUPLICATE_DELIVERY, EventKind.STALE_COMPLETION]
-    ).exists()
+    assert (
+        not WorkerEvent.objects.using(stack.alias)
+        .filter(kind__in=[EventKind.DUPLICATE_DELIVERY, EventKind.STALE_COMPLETION])
+        .exists()
+    )
 
 
 def test_canvas_still_behaves(stack: Stack) -> None:
@@ -86,9 +90,11 @@ def test_canvas_still_behaves(stack: Stack) -> None:
     )
     for task_id in out["group"]:
         wait_for(lambda task_id=task_id: result(task_id), 60, what="group member")
-    assert not WorkerEvent.objects.using(stack.alias).filter(
-        kind__in=[EventKind.DUPLICATE_DELIVERY, EventKind.STALE_COMPLETION]
-    ).exists()
+    assert (
+        not WorkerEvent.objects.using(stack.alias)
+        .filter(kind__in=[EventKind.DUPLICATE_DELIVERY, EventKind.STALE_COMPLETION])
+        .exists()
+    )
     assert (
         TaskQueue.objects.using(stack.alias)
         .exclude(task_name__startswith="worker_health.")
@@ -118,9 +124,11 @@ def test_redelivery_of_a_finished_task_does_not_run_again(stack: Stack) -> None:
     # the same message arrives again.
     stack.manage("shell", "-c", REPUBLISH.format(task_id=ids[0]))
     wait_for(
-        lambda: WorkerEvent.objects.using(stack.alias)
-        .filter(kind=EventKind.DUPLICATE_DELIVERY, task_id=ids[0])
-        .exists(),
+        lambda: (
+            WorkerEvent.objects.using(stack.alias)
+            .filter(kind=EventKind.DUPLICATE_DELIVERY, task_id=ids[0])
+            .exists()
+        ),
         30,
         what="the duplicate delivery to be skipped",
     )
@@ -134,10 +142,12 @@ def test_warm_shutdown_hands_back_reserved_tasks(sqlite_stack: Stack) -> None:
     leaving = stack.worker("leaving", concurrency=1)
     ids = stack.publish("work", 3, kwargs={"seconds": 0, "label": "handback"}, countdown=6)
     wait_for(
-        lambda: TaskQueue.objects.using(stack.alias)
-        .filter(claimed_by__worker_id=stack.node("leaving"), status="reserved")
-        .count()
-        == 3,
+        lambda: (
+            TaskQueue.objects.using(stack.alias)
+            .filter(claimed_by__worker_id=stack.node("leaving"), status="reserved")
+            .count()
+            == 3
+        ),
         60,
         what="the ETA tasks to be reserved",
     )
@@ -164,9 +174,9 @@ def test_warm_shutdown_hands_back_reserved_tasks(sqlite_stack: Stack) -> None:
     assert set(runs) == {1}
     # handing back is not the task's fault: its reclaim budget is untouched
     assert set(
-        TaskQueue.objects.using(stack.alias).filter(task_id__in=ids).values_list(
-            "reclaim_count", flat=True
-        )
+        TaskQueue.objects.using(stack.alias)
+        .filter(task_id__in=ids)
+        .values_list("reclaim_count", flat=True)
     ) == {0}
 
 
@@ -183,8 +193,10 @@ def test_reclaimed_task_does_not_stay_started_in_results(sqlite_stack: Stack) ->
     # no other worker: the task waits in the broker, and its result must say so
     stack.manage("worker_health", "detect")
     wait_for(
-        lambda: (stack.manage("worker_health", "detect") and False)
-        or TaskQueue.objects.using(stack.alias).filter(task_id=ids[0], status="queued").exists(),
+        lambda: (
+            (stack.manage("worker_health", "detect") and False)
+            or TaskQueue.objects.using(stack.alias).filter(task_id=ids[0], status="queued").exists()
+        ),
         30,
         what="the task to be reclaimed",
     )
@@ -202,7 +214,8 @@ def test_revoked_task_is_recorded(sqlite_stack: Stack) -> None:
         what="the ETA task to be reserved",
     )
     stack.manage(
-        "shell", "-c",
+        "shell",
+        "-c",
         f"from example_project.celery import app; app.control.revoke({ids[0]!r})",
     )
     wait_for(
