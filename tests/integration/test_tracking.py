@@ -38,6 +38,7 @@ def test_life_cycle_and_message_recorded(stack: Stack) -> None:
     # the message as delivered: raw JSON body (protocol 2: [args, kwargs, embed])
     assert row.content_type == "application/json"
     args, kwargs, _embed = json.loads(bytes(row.body))
+    assert args == []
     assert kwargs == {"seconds": 0.1, "label": "life"}
     assert row.headers["id"] == ids[0] and row.headers["task"] == row.task_name
     assert row.routing_key == stack.queue
