@@ -57,6 +57,11 @@ def identity_for(hostname: str | None) -> WorkerIdentity | None:
     return None
 
 
+def in_worker_process() -> bool:
+    """Is this a worker's main or pool process (or a process running an in-thread worker)?"""
+    return bool(_identities)
+
+
 def worker_metadata(worker: WorkController, incarnation: uuid.UUID) -> dict[str, Any]:
     pool = getattr(worker, "pool_cls", None)
     pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", repr(pool))

@@ -36,7 +36,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, tran
 
 from . import dbthread
 from .conf import settings
-from .heartbeat import WorkerIdentity, identity_for
+from .heartbeat import WorkerIdentity, identity_for, in_worker_process
 from .querysets import Delivery
 
 if TYPE_CHECKING:
@@ -114,7 +114,12 @@ def on_before_task_publish(
         )
 
     try:
-        transaction.on_commit(record)
+        if in_worker_process() and not transaction.get_connection().in_atomic_block:
+            # A task publishing (a chain's next link, a callback): off the task thread,
+            # whose connection Celery closes around every task.
+            dbthread.submit(record)
+        else:
+            transaction.on_commit(record)
     except Exception:
         # Tracking must never break the user's publish; the worker records it on receipt.
         logger.exception("worker_health: could not record the publish of %s", task_id)
