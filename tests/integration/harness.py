@@ -245,6 +245,37 @@ class Stack:
             self.wait_registered(node, proc)
         return proc
 
+    def start_workers(self, specs: dict[str, dict[str, Any]]) -> dict[str, Proc]:
+        """Start several workers (``{name: worker() keyword arguments}``) and wait until
+        each one is registered and consuming.
+
+        They boot at once where the broker allows it; on kombu's filesystem transport one
+        after the other, as two workers declaring the same exchange there at the same
+        moment can read a half-written exchange table and die (JSONDecodeError).
+        """
+        parallel = not self.broker_url.startswith("filesystem://")
+        procs: dict[str, Proc] = {}
+        for name, options in specs.items():
+            procs[name] = self.worker(name, **{**options, "wait": False})
+            if not parallel:
+                self.wait_ready(name, procs[name])
+        for name, proc in procs.items():
+            self.wait_ready(name, proc)
+        return procs
+
+    def wait_ready(self, name: str, proc: Proc, timeout: float = 60) -> None:
+        """Wait until worker ``name`` is registered and consuming (its signal handlers are
+        installed by then: SIGTERM means a warm shutdown)."""
+        node = name if "@" in name else self.node(name)
+        self.wait_registered(node, proc, timeout)
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"{node} exited early:\n{proc.log()[-4000:]}")
+            return proc.count(f"{node} ready.") > 0
+
+        wait_for(ready, timeout, what=f"{node} to be ready")
+
     def beat(
         self,
         name: str = "beat",

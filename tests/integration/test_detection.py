@@ -60,13 +60,15 @@ def assert_failed_in_time(row: WorkerRegistry) -> None:
 
 
 def test_sigkill_is_detected_within_the_bound(stack: Stack) -> None:
-    victim = stack.worker("victim", pool="prefork", concurrency=2, wait=False)
-    others = {
-        "threads": stack.worker("threads", pool="threads", concurrency=2, wait=False),
-        "solo": stack.worker("solo", pool="solo", concurrency=1, wait=False),
-    }
-    for name, proc in [("victim", victim), *others.items()]:
-        stack.wait_registered(stack.node(name), proc)
+    procs = stack.start_workers(
+        {
+            "victim": {"pool": "prefork", "concurrency": 2},
+            "threads": {"pool": "threads", "concurrency": 2},
+            "solo": {"pool": "solo", "concurrency": 1},
+        }
+    )
+    victim = procs.pop("victim")
+    others = procs
     # the detector is watching (and a heartbeat was written) before the kill
     stack.wait_sweep_after(0.5)
 
@@ -98,10 +100,10 @@ def test_sigkill_is_detected_within_the_bound(stack: Stack) -> None:
 
 
 def test_warm_shutdown_goes_offline(stack: Stack) -> None:
-    leaving = stack.worker("leaving", pool="prefork", concurrency=2, wait=False)
-    staying = stack.worker("staying", pool="solo", concurrency=1, wait=False)
-    for name, proc in [("leaving", leaving), ("staying", staying)]:
-        stack.wait_registered(stack.node(name), proc)
+    procs = stack.start_workers(
+        {"leaving": {"pool": "prefork", "concurrency": 2}, "staying": {"pool": "solo"}}
+    )
+    leaving, staying = procs["leaving"], procs["staying"]
 
     assert leaving.stop(timeout=60) == 0, "warm shutdown exits cleanly"
     row = stack.row("leaving")
@@ -124,10 +126,10 @@ def test_warm_shutdown_goes_offline(stack: Stack) -> None:
 
 def test_stopped_worker_is_failed_then_recovers_loudly(db_stack: Stack) -> None:
     stack = db_stack
-    paused = stack.worker("paused", pool="prefork", concurrency=1, wait=False)
-    watcher = stack.worker("watcher", pool="solo", concurrency=1, wait=False)
-    for name, proc in [("paused", paused), ("watcher", watcher)]:
-        stack.wait_registered(stack.node(name), proc)
+    procs = stack.start_workers(
+        {"paused": {"pool": "prefork", "concurrency": 1}, "watcher": {"pool": "solo"}}
+    )
+    paused, watcher = procs["paused"], procs["watcher"]
     incarnation = stack.row("paused").incarnation
     stack.wait_sweep_after(0.5)
 
@@ -199,9 +201,7 @@ def sweep_output(proc: Proc) -> dict[str, object]:
 def test_concurrent_detectors_fail_each_worker_once(db_stack: Stack) -> None:
     stack = db_stack
     names = ["dead1", "dead2", "dead3"]
-    workers = {name: stack.worker(name, pool="solo", wait=False) for name in names}
-    for name, proc in workers.items():
-        stack.wait_registered(stack.node(name), proc)
+    workers = stack.start_workers({name: {"pool": "solo"} for name in names})
 
     # Two detectors, booted and waiting for the go.
     go = stack.workdir / "go"
@@ -272,20 +272,18 @@ def test_detection_does_not_wait_behind_a_backlog(db_stack: Stack) -> None:
     detector tasks behind them): a killed worker is still failed within the bound."""
     stack = db_stack
     pools = {"victim": ("prefork", 2), "threads": ("threads", 2), "solo": ("solo", 1)}
-    procs: dict[str, Proc] = {}
-    own_queues: dict[str, str] = {}
-    for name, (pool, concurrency) in pools.items():
-        # its own queue for its long tasks, and the shared queue with the backlog
-        own_queues[name] = stack.new_queue(name)
-        procs[name] = stack.worker(
-            name,
-            pool=pool,
-            concurrency=concurrency,
-            queues=[own_queues[name], stack.queue],
-            wait=False,
-        )
-    for name, proc in procs.items():
-        stack.wait_registered(stack.node(name), proc)
+    # each on its own queue for its long tasks, and on the shared queue with the backlog
+    own_queues = {name: stack.new_queue(name) for name in pools}
+    procs = stack.start_workers(
+        {
+            name: {
+                "pool": pool,
+                "concurrency": concurrency,
+                "queues": [own_queues[name], stack.queue],
+            }
+            for name, (pool, concurrency) in pools.items()
+        }
+    )
 
     long_ids: list[str] = []
     for name, (_, concurrency) in pools.items():

@@ -56,16 +56,14 @@ HEARTBEAT_BACK = "database reachable again"
 
 def start_pool_workers(stack: Stack, **env: str) -> dict[str, tuple[Proc, str]]:
     """One worker per pool, each on a queue of its own; named after its pool."""
-    started: dict[str, tuple[Proc, str]] = {}
-    for pool, concurrency in POOLS:
-        queue = stack.new_queue(pool)
-        proc = stack.worker(
-            pool, pool=pool, concurrency=concurrency, queues=[queue], wait=False, **env
-        )
-        started[pool] = (proc, queue)
-    for pool, (proc, _) in started.items():
-        stack.wait_registered(stack.node(pool), proc)
-    return started
+    queues = {pool: stack.new_queue(pool) for pool, _ in POOLS}
+    procs = stack.start_workers(
+        {
+            pool: {"pool": pool, "concurrency": concurrency, "queues": [queues[pool]], **env}
+            for pool, concurrency in POOLS
+        }
+    )
+    return {pool: (procs[pool], queues[pool]) for pool, _ in POOLS}
 
 
 class HeartbeatLog:
@@ -176,27 +174,42 @@ def test_busy_workers_stay_active(stack: Stack) -> None:
         ids += stack.publish(
             "burn", concurrency, queue=workers[pool][1], kwargs={"seconds": burn_seconds}
         )
-    slots = sum(concurrency for _, concurrency in POOLS)
     tracked = TaskQueue.objects.using(stack.alias).filter(task_id__in=ids)
-
-    # Every slot busy...
-    wait_for(
-        lambda: tracked.filter(status="claimed").count() == slots,
-        60,
-        what=f"all {slots} slots to run a burn task",
-    )
-    busy_since = time.monotonic()
     log = HeartbeatLog(stack, [pool for pool, _ in POOLS])
-    log.sample()
-    # ...and heartbeats advance while they are (sampled until the first task ends).
-    while tracked.filter(status="claimed").count() == slots:
-        log.sample()
+    # For each worker, the heartbeats seen while every one of its slots runs a task (from
+    # the moment the last slot started to the moment the first task ended).
+    busy_since: dict[str, float] = {}
+    busy_until: dict[str, float] = {}
+    beats_while_busy: dict[str, set[datetime]] = {pool: set() for pool, _ in POOLS}
+    deadline = time.monotonic() + 90
+    while len(busy_until) < len(POOLS):
+        assert time.monotonic() < deadline, f"burn tasks still running: {busy_since} {busy_until}"
+        rows = log.sample()
+        running = dict(
+            tracked.filter(status="claimed")
+            .values_list("claimed_by__worker_id")
+            .annotate(n=Count("id"))
+            .values_list("claimed_by__worker_id", "n")
+        )
+        now = time.monotonic()
+        for pool, concurrency in POOLS:
+            node = stack.node(pool)
+            if pool in busy_until:
+                continue
+            if running.get(node, 0) == concurrency:
+                busy_since.setdefault(pool, now)
+                last_heartbeat = rows[node].last_heartbeat
+                assert last_heartbeat is not None
+                beats_while_busy[pool].add(last_heartbeat)
+            elif pool in busy_since:
+                busy_until[pool] = now
         time.sleep(0.2)
-    busy_for = time.monotonic() - busy_since
-    assert busy_for > STALE_AFTER, f"the tasks ran only {busy_for:.1f} s"
-    for node, beats in log.seen.items():
-        # a worker whose heart stopped would show one value (or a few, seen before it stopped)
-        assert len(beats) >= 3, f"{node} beat {len(beats)} times in {busy_for:.1f} s of work"
+    for pool, _ in POOLS:
+        busy_for = busy_until[pool] - busy_since[pool]
+        assert busy_for > STALE_AFTER, f"{pool}: every slot was busy for only {busy_for:.1f} s"
+        # a heart that stopped would show one value (or two, one written just before)
+        beats = len(beats_while_busy[pool])
+        assert beats >= 3, f"{pool} beat {beats} times in {busy_for:.1f} s of full load"
 
     wait_for(
         lambda: tracked.filter(status="succeeded").count() == len(ids),
@@ -236,17 +249,22 @@ def test_database_outage_is_survived(
     stack = pg_stack
     main, late_proxy = db_proxies
     names = ["prefork", "threads", "late"]
-    procs = {
-        "prefork": stack.worker(
-            "prefork", pool="prefork", DATABASE_URL=database_url(stack.alias, port=main.port)
-        ),
-        "threads": stack.worker(
-            "threads", pool="threads", DATABASE_URL=database_url(stack.alias, port=main.port)
-        ),
-        "late": stack.worker(
-            "late", pool="solo", DATABASE_URL=database_url(stack.alias, port=late_proxy.port)
-        ),
-    }
+    procs = stack.start_workers(
+        {
+            "prefork": {
+                "pool": "prefork",
+                "DATABASE_URL": database_url(stack.alias, port=main.port),
+            },
+            "threads": {
+                "pool": "threads",
+                "DATABASE_URL": database_url(stack.alias, port=main.port),
+            },
+            "late": {
+                "pool": "solo",
+                "DATABASE_URL": database_url(stack.alias, port=late_proxy.port),
+            },
+        }
+    )
     assert main.accepted > 0 and late_proxy.accepted > 0, "the workers use the proxies"
     # Tasks before the outage: the pool processes hold database connections through it.
     ids = stack.publish("work", 6)
@@ -330,8 +348,12 @@ def test_tracking_resumes_after_database_outage(
     stack = pg_stack
     proxy, _ = db_proxies
     via_proxy = database_url(stack.alias, port=proxy.port)
-    stack.worker("prefork", pool="prefork", concurrency=1, DATABASE_URL=via_proxy)
-    stack.worker("threads", pool="threads", concurrency=1, DATABASE_URL=via_proxy)
+    stack.start_workers(
+        {
+            "prefork": {"pool": "prefork", "concurrency": 1, "DATABASE_URL": via_proxy},
+            "threads": {"pool": "threads", "concurrency": 1, "DATABASE_URL": via_proxy},
+        }
+    )
     tracked = TaskQueue.objects.using(stack.alias)
     # Both workers run tasks first, so their tracking threads hold connections.
     before = stack.publish("work", 8, kwargs={"seconds": 0.2})
@@ -425,6 +447,7 @@ def test_in_thread_worker_registers(in_memory_app: Celery) -> None:
             BOUND,
             what=f"{node} to register",
         )
+        assert row is not None
         assert row.metadata["pid"] == os.getpid()
         assert row.metadata["pool"] == "solo"
         assert row.metadata["incarnation"] == str(row.incarnation)
