@@ -70,6 +70,7 @@ class Outcomes:
         self._subtest_failures: dict[str, list[str]] = {}
         self._reruns: dict[str, list[str]] = {}
         self._durations: dict[str, float] = {}
+        self._rerun_pending: set[str] = set()
         self.exitstatus: int | None = None
 
     # -- hooks --------------------------------------------------------------------------------
@@ -106,8 +107,7 @@ class Outcomes:
         self._durations[nodeid] = self._durations.get(nodeid, 0.0) + report.duration
         if report.outcome == "rerun":  # type: ignore[comparison-overlap]
             self._reruns.setdefault(nodeid, []).append(short_message(report))
-            self._attempt.pop(nodeid, None)
-            self._subtest_failures.pop(nodeid, None)
+            self._rerun_pending.add(nodeid)
             return
         if report.when == "setup":
             self._attempt[nodeid] = {}
@@ -115,6 +115,12 @@ class Outcomes:
         self._attempt.setdefault(nodeid, {})[report.when] = report
 
     def finished(self, nodeid: str) -> None:
+        if nodeid in self._rerun_pending:
+            # rerunfailures ends each attempt with logfinish: this one will be run again
+            self._rerun_pending.discard(nodeid)
+            self._attempt.pop(nodeid, None)
+            self._subtest_failures.pop(nodeid, None)
+            return
         phases = self._attempt.pop(nodeid, {})
         outcome, message = final_outcome(phases)
         subtests = self._subtest_failures.pop(nodeid, [])

@@ -152,6 +152,8 @@ class Observer:
         self.config = config
         self.watermark = 0
         self.worker_inits: list[str] = []
+        #: notable events by test, over all its attempts (Celery's reruns)
+        self.events: dict[str, list[dict[str, Any]]] = {}
 
     def last_event_id(self) -> int:
         from worker_health.models import WorkerEvent
@@ -188,7 +190,8 @@ class Observer:
             annotate(self.config, nodeid, worker_health_error=repr(exc))
             return
         if events:
-            annotate(self.config, nodeid, worker_health_events=events)
+            self.events.setdefault(nodeid, []).extend(events)
+            annotate(self.config, nodeid, worker_health_events=self.events[nodeid])
 
     def pytest_unconfigure(self) -> None:
         try:

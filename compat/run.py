@@ -104,7 +104,10 @@ def fetch_suite(version: str, cache: Path = CACHE) -> Path:
             if m.name.startswith(prefix + "t/") or m.name == prefix + "pyproject.toml"
         ]
         # Only the tests: the sdist's own ``celery/`` package must not shadow the installed one.
-        tar.extractall(cache, members=members, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(cache, members=members, filter="data")
+        else:  # Python < 3.10.12 / 3.11.4: no extraction filters
+            tar.extractall(cache, members=members)
     stamp.write_text(version)
     return target
 
