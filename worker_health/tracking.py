@@ -100,7 +100,8 @@ def on_before_task_publish(
     if token is not None:
         # A running task publishes itself again (retry, Task.replace): it goes back to
         # queued now, before the new message can reach another worker.
-        _requeue_own(task_id, token)
+        if task_id not in _requeued:  # Task.replace requeued it already (on_replace)
+            _requeue_own(task_id, token)
         return
     from .models import TaskQueue
 
@@ -428,11 +429,31 @@ def on_task_postrun(
 # wiring
 
 
+def requeue_on_replace(task: Task, sig: Any) -> Any:
+    """Installed as ``on_replace``: ``Task.replace`` hands this task's id to its replacement.
+
+    The replacement runs under the same id, but not necessarily now: when it is a chain (or
+    a group, which Celery turns into a chord) the id goes to its *last* task, published
+    only when the tasks before it are done. The row goes back to ``queued`` before anything
+    is published, so that delivery is claimed as a new run and not skipped as a duplicate
+    of this one; ``task_postrun`` then leaves the row alone (``_requeued``).
+    """
+    request = task.request
+    task_id: str | None = request.id
+    token = _tokens.get(task_id) if task_id else None
+    if task_id and token is not None and not request.is_eager and task_id not in _requeued:
+        _requeue_own(task_id, token)
+    original = getattr(type(task), "_worker_health_original_on_replace")  # noqa: B009
+    return original(task, sig)
+
+
 def install_claim_hooks(sender: WorkController, **_: Any) -> None:
-    """``worker_init``: give every tracked task a ``before_start`` that claims it.
+    """``worker_init``: give every tracked task a ``before_start`` that claims it, and an
+    ``on_replace`` that requeues it for its replacement.
 
     Done on the task classes before the pool starts, so prefork children inherit it and
-    Celery builds its tracers with it. A task's own ``before_start`` still runs after.
+    Celery builds its tracers with it. A task's own ``before_start`` and ``on_replace``
+    still run after.
     """
     for task in sender.app.tasks.values():
         if task.name.startswith(OWN_TASK_PREFIX):
@@ -441,6 +462,13 @@ def install_claim_hooks(sender: WorkController, **_: Any) -> None:
         if cls.__dict__.get("_worker_health_claims"):
             continue
         current = cls.before_start if task_has_custom(task, "before_start") else None
+        if current is claim_before_start:  # inherited from a task class hooked before
+            current = cls._worker_health_original_before_start
         cls._worker_health_original_before_start = current
         cls.before_start = claim_before_start
+        on_replace = cls.on_replace
+        if on_replace is requeue_on_replace:
+            on_replace = cls._worker_health_original_on_replace
+        cls._worker_health_original_on_replace = on_replace
+        cls.on_replace = requeue_on_replace
         cls._worker_health_claims = True
