@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             if r.variant != "worker_health"
             else "worker_health",
             str(r.published),
-            str(r.lost),
+            f"{r.lost} ({r.never_received} never received)" if r.never_received else str(r.lost),
             str(r.twice),
             "; ".join(r.notes),
             ("ok" if r.passed else "FAILED: " + "; ".join(r.problems))
