@@ -163,3 +163,67 @@ def test_delivery_from_request_keeps_the_message_byte_for_byte() -> None:
 def test_delivery_from_request_encodes_a_text_body() -> None:
     d = tracking.delivery_from_request(fake_request('[[], {"x": "é"}, {}]'))
     assert d.body == '[[], {"x": "é"}, {}]'.encode()
+
+
+# --------------------------------------------------------------------------------------------
+# Task.replace
+
+
+def test_replace_requeues_the_running_task_before_the_replacement_is_published(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replacement chain carries the task's id in its *last* task, published later: the
+    row must be queued again at once, or that delivery is skipped as a duplicate."""
+    from celery import Celery, Task
+
+    calls: list[tuple[str, Any]] = []
+
+    class Replacing(Task):  # type: ignore[misc]
+        def on_replace(self, sig: Any) -> Any:
+            calls.append(("original on_replace", sig))
+            return "replaced"
+
+    class Host(Replacing):
+        name = "replace-test.host"
+
+        def run(self) -> None:  # pragma: no cover - never run
+            pass
+
+    class Child(Host):  # a task class derived from another one, both registered
+        name = "replace-test.child"
+
+    app = Celery("replace-test", set_as_current=False)
+    host, child = app.register_task(Host()), app.register_task(Child())
+    tracking.install_claim_hooks(SimpleNamespace(app=app))
+    tracking.install_claim_hooks(SimpleNamespace(app=app))  # idempotent
+    monkeypatch.setattr(
+        tracking, "_requeue_own", lambda task_id, token: calls.append(("requeue", task_id))
+    )
+    monkeypatch.setitem(tracking._tokens, "t-1", 7)
+
+    host.push_request(id="t-1", is_eager=False)
+    try:
+        assert host.on_replace("the chain") == "replaced"
+    finally:
+        host.pop_request()
+    assert calls == [("requeue", "t-1"), ("original on_replace", "the chain")]
+
+    # a subclass of a hooked task class calls the originals once, not the hooks again
+    assert Child.__dict__["_worker_health_original_before_start"] is None
+    assert Child.__dict__["_worker_health_original_on_replace"] is Replacing.on_replace
+    calls.clear()
+    child.push_request(id="t-2", is_eager=False)
+    try:
+        assert child.on_replace("sig") == "replaced"
+    finally:
+        child.pop_request()
+    assert calls == [("original on_replace", "sig")]  # t-2 is not running here: no token
+
+    # eager (apply()): Celery runs the replacement inline, nothing is published again
+    calls.clear()
+    host.push_request(id="t-1", is_eager=True)
+    try:
+        host.on_replace("sig")
+    finally:
+        host.pop_request()
+    assert calls == [("original on_replace", "sig")]
