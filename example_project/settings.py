@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import django
 import dj_database_url
+import django
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("EXAMPLE_VAR_DIR", BASE_DIR / "var"))

@@ -69,9 +69,7 @@ def make_task(task_id: str, *, worker: WorkerRegistry | None = None, **fields: A
         "properties": {"correlation_id": task_id},
     }
     if worker is not None:
-        values.update(
-            claimed_by=worker, claimed_incarnation=worker.incarnation, fencing_token=1
-        )
+        values.update(claimed_by=worker, claimed_incarnation=worker.incarnation, fencing_token=1)
     values.update(fields)
     return TaskQueue.objects.create(task_id=task_id, **values)
 
@@ -104,23 +102,37 @@ def scenario() -> dict[str, Any]:
     offline = make_worker("delta@web-4", status="offline", heartbeat_age=9000, changed_ago=9000)
     running = make_task("task-running-1", worker=active)
     reclaimed = make_task(
-        "task-reclaimed-1", status="queued", reclaim_count=1, fencing_token=2,
+        "task-reclaimed-1",
+        status="queued",
+        reclaim_count=1,
+        fencing_token=2,
         lost_on=[failed.worker_id],
     )
     quarantined = make_task(
-        "task-quarantined-1", status="quarantined", reclaim_count=3, fencing_token=4,
+        "task-quarantined-1",
+        status="quarantined",
+        reclaim_count=3,
+        fencing_token=4,
         lost_on=[failed.worker_id] * 3,
     )
-    make_event(EventKind.WORKER_REGISTERED, worker=active, worker_name=active.worker_id,
-               hours_ago=5)
-    make_event(EventKind.WORKER_FAILED, worker=failed, worker_name=failed.worker_id,
-               hours_ago=0.1)
-    make_event(EventKind.TASK_RECLAIMED, worker_name=failed.worker_id,
-               task_id=reclaimed.task_id, hours_ago=0.1, details={"reason": "worker failed"})
-    make_event(EventKind.TASK_QUARANTINED, worker_name=failed.worker_id,
-               task_id=quarantined.task_id, hours_ago=0.1)
-    make_event(EventKind.TASK_RECLAIMED, worker_name="old@web-9", task_id="older-1",
-               hours_ago=3)
+    make_event(
+        EventKind.WORKER_REGISTERED, worker=active, worker_name=active.worker_id, hours_ago=5
+    )
+    make_event(EventKind.WORKER_FAILED, worker=failed, worker_name=failed.worker_id, hours_ago=0.1)
+    make_event(
+        EventKind.TASK_RECLAIMED,
+        worker_name=failed.worker_id,
+        task_id=reclaimed.task_id,
+        hours_ago=0.1,
+        details={"reason": "worker failed"},
+    )
+    make_event(
+        EventKind.TASK_QUARANTINED,
+        worker_name=failed.worker_id,
+        task_id=quarantined.task_id,
+        hours_ago=0.1,
+    )
+    make_event(EventKind.TASK_RECLAIMED, worker_name="old@web-9", task_id="older-1", hours_ago=3)
     return {
         "active": active,
         "late": late,

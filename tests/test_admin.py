@@ -55,9 +55,7 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return sent
 
 
-def post_action(
-    client: Client, url: str, action: str, objects: list[Any], **extra: str
-) -> Any:
+def post_action(client: Client, url: str, action: str, objects: list[Any], **extra: str) -> Any:
     data = {"action": action, ACTION_CHECKBOX_NAME: [str(o.pk) for o in objects], **extra}
     if "confirm" not in extra and "days" not in extra:
         data["index"] = "0"
@@ -248,8 +246,12 @@ def test_view_only_user_gets_no_action_buttons_on_the_worker_page(client: Client
     assert response.context["worker_actions"] == []
     assert b"wh-worker-actions" not in response.content
     client.logout()
-    login(client, "worker_health.view_workerregistry", ACTION_PERMS["mark_offline"],
-          username="drainer")
+    login(
+        client,
+        "worker_health.view_workerregistry",
+        ACTION_PERMS["mark_offline"],
+        username="drainer",
+    )
     response = client.get(worker_url(w))
     assert [name for name, _ in response.context["worker_actions"]] == ["mark_offline"]
 
@@ -353,11 +355,13 @@ def test_delete_old_workers_asks_for_days_then_deletes_only_old_inactive_ones(
     assert response.status_code == 200
     assert b'name="days"' in response.content
     assert WorkerRegistry.objects.count() == 4
-    response = post_action(client, WORKERS, "delete_old_workers", selection, days="30",
-                           confirm="yes")
+    response = post_action(
+        client, WORKERS, "delete_old_workers", selection, days="30", confirm="yes"
+    )
     assert response.status_code == 302
     assert sorted(WorkerRegistry.objects.values_list("worker_id", flat=True)) == [
-        "active@host", "recent@host"
+        "active@host",
+        "recent@host",
     ]
     # the audit log outlives the worker row
     assert WorkerEvent.objects.filter(worker_name="old-failed@host").exists()
@@ -365,8 +369,9 @@ def test_delete_old_workers_asks_for_days_then_deletes_only_old_inactive_ones(
 
 def test_delete_old_workers_rejects_a_bad_number_of_days(admin_client: Client) -> None:
     old = make_worker("old@host", status="failed", changed_ago=40 * 86400)
-    response = post_action(admin_client, WORKERS, "delete_old_workers", [old], days="-3",
-                           confirm="yes")
+    response = post_action(
+        admin_client, WORKERS, "delete_old_workers", [old], days="-3", confirm="yes"
+    )
     assert response.status_code == 200
     assert WorkerRegistry.objects.filter(pk=old.pk).exists()
 
@@ -451,8 +456,12 @@ def test_task_arguments_need_the_permission(client: Client) -> None:
     assert "person@example.com" not in html  # neither the body nor the argsrepr header
     assert "needs the &#x27;Can view task arguments&#x27; permission" in html
     client.logout()
-    login(client, "worker_health.view_taskqueue", "worker_health.view_task_arguments",
-          username="auditor")
+    login(
+        client,
+        "worker_health.view_taskqueue",
+        "worker_health.view_task_arguments",
+        username="auditor",
+    )
     html = client.get(task_url(data["running"])).content.decode()
     assert "person@example.com" in html
     assert "&quot;args&quot;: [\n    7\n  ]" in html
@@ -480,15 +489,22 @@ def test_pickle_payloads_are_never_deserialized(admin_client: Client, monkeypatc
         ({"body": b'[[1, 2], {"a": 3}, {}]'}, {"args": [1, 2], "kwargs": {"a": 3}}),
         ({"body": b'{"args": [1], "kwargs": {}, "id": "x"}'}, {"args": [1], "kwargs": {}}),
         ({"body": None}, "no message recorded"),
-        ({"content_type": "application/x-yaml", "body": b"- !!python/object:os.system"},
-         "application/x-yaml payloads are never deserialized"),
+        (
+            {"content_type": "application/x-yaml", "body": b"- !!python/object:os.system"},
+            "application/x-yaml payloads are never deserialized",
+        ),
         ({"body": b"not json"}, "not valid JSON"),
         ({"headers": {"compression": "application/x-gzip"}}, "compressed payload"),
     ],
 )
 def test_decode_arguments(fields: dict[str, Any], expected: Any) -> None:
-    task = TaskQueue(task_id="x", content_type="application/json", content_encoding="utf-8",
-                     body=b"[[], {}, {}]", headers={})
+    task = TaskQueue(
+        task_id="x",
+        content_type="application/json",
+        content_encoding="utf-8",
+        body=b"[[], {}, {}]",
+        headers={},
+    )
     for key, value in fields.items():
         setattr(task, key, value)
     decoded, reason = decode_arguments(task)
@@ -581,4 +597,3 @@ def test_human_duration(seconds: float | None, text: str) -> None:
 
 def test_count_cap_is_large_enough_for_normal_lists() -> None:
     assert COUNT_CAP >= 1000
-

@@ -68,9 +68,7 @@ def clock() -> list[float]:
 
 
 @pytest.fixture
-def sync_dispatcher(
-    monkeypatch: pytest.MonkeyPatch, clock: list[float]
-) -> AlertDispatcher:
+def sync_dispatcher(monkeypatch: pytest.MonkeyPatch, clock: list[float]) -> AlertDispatcher:
     """Delivers in the caller's thread with a fake clock (the rate-limit logic is the same)."""
     dispatcher = AlertDispatcher(background=False, clock=lambda: clock[0])
     monkeypatch.setattr(notifiers, "dispatcher", dispatcher)
@@ -295,9 +293,9 @@ def test_every_signal_has_a_receiver_with_a_dispatch_uid() -> None:
 
 def test_email_notifier_mails_the_admins(settings: Any) -> None:
     # Django 6.0 takes plain addresses; older versions want (name, address) pairs.
-    settings.ADMINS = ["ops@example.com"] if django.VERSION >= (6, 0) else [
-        ("Ops", "ops@example.com")
-    ]
+    settings.ADMINS = (
+        ["ops@example.com"] if django.VERSION >= (6, 0) else [("Ops", "ops@example.com")]
+    )
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     EmailNotifier().send(alert(1))
     [message] = mail.outbox
@@ -438,10 +436,14 @@ def test_notifiers_setting_accepts_paths_and_dicts(settings: Any) -> None:
         ({"NOTIFIERS": "worker_health.notifiers.EmailNotifier"}, ["worker_health.E010"]),
         ({"NOTIFIERS": [{"url": "https://h"}]}, ["worker_health.E010"]),
         ({"NOTIFIERS": ["no.such.Notifier"]}, ["worker_health.E011"]),
-        ({"NOTIFIERS": [{"class": "worker_health.notifiers.WebhookNotifier"}]},
-         ["worker_health.E011"]),
-        ({"NOTIFIERS": [{"class": "worker_health.notifiers.EmailNotifier", "x": 1}]},
-         ["worker_health.E011"]),
+        (
+            {"NOTIFIERS": [{"class": "worker_health.notifiers.WebhookNotifier"}]},
+            ["worker_health.E011"],
+        ),
+        (
+            {"NOTIFIERS": [{"class": "worker_health.notifiers.EmailNotifier", "x": 1}]},
+            ["worker_health.E011"],
+        ),
         ({"ALERT_ON": ["worker_exploded"]}, ["worker_health.E012"]),
         ({"ALERT_ON": "worker_failed"}, ["worker_health.E012"]),
         ({"ALERT_RATE_LIMIT": 0}, ["worker_health.E013"]),

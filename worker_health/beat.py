@@ -17,18 +17,24 @@ DETECT_ENTRY = "worker-health-detect-failed-workers"
 PRUNE_ENTRY = "worker-health-prune-finished-tasks"
 
 
+def _expiry(seconds: float) -> dict[str, Any]:
+    return {"expires": seconds, "expire_seconds": int(seconds)}
+
+
 def schedule_entries() -> dict[str, dict[str, Any]]:
     return {
         DETECT_ENTRY: {
             "task": DETECT_TASK,
             "schedule": timedelta(seconds=settings.CHECK_INTERVAL),
-            # a sweep that could not run in time is pointless later: the next one is due
-            "options": {"expires": max(10.0, settings.CHECK_INTERVAL * 2)},
+            # a sweep that could not run in time is pointless later: the next one is due.
+            # ``expires`` for Celery's scheduler, ``expire_seconds`` for django-celery-beat's
+            # DatabaseScheduler (which drops ``expires``; Celery ignores the other one).
+            "options": _expiry(max(10.0, settings.CHECK_INTERVAL * 2)),
         },
         PRUNE_ENTRY: {
             "task": PRUNE_TASK,
             "schedule": timedelta(hours=1),
-            "options": {"expires": 3600},
+            "options": _expiry(3600),
         },
     }
 

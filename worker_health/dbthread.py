@@ -8,6 +8,7 @@ run on a thread whose connection nothing else closes. The thread is re-created a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from django.db import close_old_connections, connections
+from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
 logger = logging.getLogger("worker_health")
 
@@ -38,11 +39,23 @@ def _executor_for_this_process() -> ThreadPoolExecutor:
     return _executor
 
 
+def _drop_connections() -> None:
+    for conn in connections.all(initialized_only=True):
+        with contextlib.suppress(Exception):  # it is broken anyway
+            conn.close()
+
+
 def _guarded(fn: Callable[[], T]) -> T:
+    """Run ``fn``; if the connection turns out to be dead (the database restarted or
+    dropped it while idle), reconnect and run it once more."""
     try:
         return fn()
+    except (OperationalError, InterfaceError):
+        if any(conn.in_atomic_block for conn in connections.all(initialized_only=True)):
+            raise
+        _drop_connections()
+        return fn()
     except Exception:
-        # Drop a broken connection so the next call reconnects.
         close_old_connections()
         raise
 

@@ -116,9 +116,7 @@ def stop_all(children: Iterable[Child], timeout: float = 20.0) -> list[str]:
 
 def write_pid_file(path: Path, children: Iterable[Child]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps({c.name: c.pid for c in children if c.popen is not None}, indent=1)
-    )
+    path.write_text(json.dumps({c.name: c.pid for c in children if c.popen is not None}, indent=1))
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -66,7 +66,10 @@ def cluster_after_a_failure(
     failed = data["failed"]
     make_task("task-lost-1", worker=failed, task_name="billing.tasks.charge")
     make_task(
-        "task-lost-2", worker=failed, task_name="media.tasks.transcode", reclaim_count=3,
+        "task-lost-2",
+        worker=failed,
+        task_name="media.tasks.transcode",
+        reclaim_count=3,
         lost_on=["epsilon@web-5", "zeta@web-6"],
     )
     published: list[str] = []
@@ -75,9 +78,13 @@ def cluster_after_a_failure(
     assert outcome.reclaimed == ["task-lost-1"] and outcome.quarantined == ["task-lost-2"]
     assert published == ["task-lost-1"]
     assert TaskQueue.objects.get(task_id="task-lost-1").status == "queued"
-    for hours_ago, kind in ((2.5, EventKind.TASK_RECLAIMED), (7.2, EventKind.WORKER_FAILED),
-                            (7.1, EventKind.TASK_RECLAIMED), (7.1, EventKind.TASK_RECLAIMED),
-                            (16.4, EventKind.TASK_QUARANTINED)):
+    for hours_ago, kind in (
+        (2.5, EventKind.TASK_RECLAIMED),
+        (7.2, EventKind.WORKER_FAILED),
+        (7.1, EventKind.TASK_RECLAIMED),
+        (7.1, EventKind.TASK_RECLAIMED),
+        (16.4, EventKind.TASK_QUARANTINED),
+    ):
         make_event(kind, worker_name="old@web-9", hours_ago=hours_ago)
     DetectorState.objects.take_sweep_lease("beat@scheduler", 0, 60, force=True)
     DetectorState.objects.record_sweep_done(0.0123)
@@ -148,8 +155,12 @@ def test_operator_sees_the_failed_worker_and_its_reclaimed_task(
 
     # The worker list: one row per worker, each with its badge from the database's clock.
     page.goto(f"{live_server.url}/admin/worker_health/workerregistry/")
-    for worker_id, state in (("alpha@web-1", "active"), ("beta@web-2", "late"),
-                             ("gamma@web-3", "failed"), ("delta@web-4", "offline")):
+    for worker_id, state in (
+        ("alpha@web-1", "active"),
+        ("beta@web-2", "late"),
+        ("gamma@web-3", "failed"),
+        ("delta@web-4", "offline"),
+    ):
         row = page.locator("#result_list tr", has_text=worker_id)
         expect(row.locator(".wh-badge")).to_have_text(state)
     page.screenshot(path=str(ARTIFACTS / "workers.png"), full_page=True)

@@ -51,8 +51,9 @@ def wait_for(
         if last:
             return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}: "
-                                 f"last value {last!r}")
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {what or predicate}: last value {last!r}"
+            )
         time.sleep(interval)
 
 
@@ -137,10 +138,8 @@ class Proc:
 
     def kill_group(self) -> None:
         """SIGKILL the process and everything it started (pool children)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.popen.wait(10)
 
     def stop(self, timeout: float = 30) -> int | None:
@@ -235,10 +234,25 @@ class Stack:
         ``queues``); ``env`` overrides environment variables (e.g. ``DATABASE_URL``)."""
         node = f"{name}@{HOST}"
         argv = [
-            sys.executable, "-m", "celery", "-A", "example_project", "worker",
-            "-n", node, "-P", pool, "-c", str(concurrency),
-            "-Q", ",".join(queues) if queues is not None else self.queue,
-            "--without-mingle", "--without-gossip", "-l", "info", *extra_args,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "example_project",
+            "worker",
+            "-n",
+            node,
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-Q",
+            ",".join(queues) if queues is not None else self.queue,
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "info",
+            *extra_args,
         ]
         proc = self._spawn(name, argv, **env)
         if wait:
@@ -285,8 +299,16 @@ class Stack:
         **env: str,
     ) -> Proc:
         argv = [
-            sys.executable, "-m", "celery", "-A", "example_project", "beat", "-l", loglevel,
-            "-s", str(self.workdir / "celerybeat-schedule"),
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "example_project",
+            "beat",
+            "-l",
+            loglevel,
+            "-s",
+            str(self.workdir / "celerybeat-schedule"),
         ]
         if scheduler:
             argv += ["--scheduler", scheduler]
@@ -368,10 +390,8 @@ class Stack:
             if proc.alive():
                 proc.kill_group()
         for proc in self.procs:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.popen.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         close_old_connections()
         for conn in connections.all():
             conn.close()
@@ -390,7 +410,7 @@ class Stack:
                             channel.queue_delete(queue)
                         with contextlib.suppress(Exception):
                             channel.close()
-            except Exception:  # noqa: S110 - best effort clean-up of our own queues
+            except Exception:
                 pass
 
     def logs(self) -> str:

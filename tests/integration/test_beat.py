@@ -129,16 +129,7 @@ def queued_detector_messages(stack: Stack) -> list[dict[str, object]]:
     "scheduler",
     [
         pytest.param(None, id="default-scheduler"),
-        pytest.param(
-            DATABASE_SCHEDULER,
-            id="database-scheduler",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="worker_health/beat.py gives the entry options={'expires': ...}; "
-                "django-celery-beat only knows 'expire_seconds' and drops it, so "
-                "DatabaseScheduler sends detector tasks that never expire",
-            ),
-        ),
+        pytest.param(DATABASE_SCHEDULER, id="database-scheduler"),
     ],
 )
 def test_detector_tasks_expire(sqlite_stack: Stack, scheduler: str | None) -> None:

@@ -345,12 +345,6 @@ def test_database_outage_is_survived(
     assert statuses == {"active"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker_health/dbthread.py reuses the pool process's tracking connection after "
-    "the database dropped it: the first claim after an outage fails and the task runs "
-    "untracked (its row stays 'queued'). See the report of the integration tests.",
-)
 def test_tracking_resumes_after_database_outage(
     pg_stack: Stack, db_proxies: tuple[TcpProxy, TcpProxy]
 ) -> None:

@@ -324,8 +324,20 @@ class Command(BaseCommand):
         for node in run.nodes:
             name = node.split("@")[0]
             argv = [
-                *celery, "worker", "-n", node, "-P", "prefork", "-c", str(CONCURRENCY),
-                "-Q", run.queue, "--without-mingle", "--without-gossip", "-l", "info",
+                *celery,
+                "worker",
+                "-n",
+                node,
+                "-P",
+                "prefork",
+                "-c",
+                str(CONCURRENCY),
+                "-Q",
+                run.queue,
+                "--without-mingle",
+                "--without-gossip",
+                "-l",
+                "info",
             ]
             self.children.append(Child(name, argv, self.var / f"{name}.log"))
         beat_argv = [*celery, "beat", "-l", "info", "-s", str(self.var / "celerybeat-schedule")]
@@ -605,9 +617,7 @@ class Command(BaseCommand):
             e["task_id"]: e
             for e in Effect.objects.filter(task_id__in=ids).values("task_id", "runs", "worker")
         }
-        statuses = dict(
-            TaskQueue.objects.filter(task_id__in=ids).values_list("task_id", "status")
-        )
+        statuses = dict(TaskQueue.objects.filter(task_id__in=ids).values_list("task_id", "status"))
         reclaimed = {t for t, w in run.reclaimed.items() if w == run.victim}
         missing = [t for t in ids if t not in effects]
         repeated = {t: e["runs"] for t, e in effects.items() if e["runs"] != 1}
@@ -616,9 +626,7 @@ class Command(BaseCommand):
         # What the victim held when it was killed must have run once, on a survivor:
         # re-published by worker_health, or (RabbitMQ) redelivered by the broker too.
         held = run.held_at_kill
-        recovered = {
-            t for t in held if effects.get(t, {}).get("worker", run.victim) != run.victim
-        }
+        recovered = {t for t in held if effects.get(t, {}).get("worker", run.victim) != run.victim}
         not_recovered = sorted(set(held) - recovered)
         ran_on = Counter(effects[t]["worker"].split("@")[0] for t in recovered)
         by_broker = recovered - reclaimed
@@ -706,9 +714,7 @@ class Command(BaseCommand):
         server.start(cwd=settings.BASE_DIR, env=self.child_env(run))
         write_pid_file(self.pid_file, self.children)
         if not self.wait_port(server, port):
-            raise DemoFailed(
-                f"the admin server did not start on port {port}:\n{server.log_tail()}"
-            )
+            raise DemoFailed(f"the admin server did not start on port {port}:\n{server.log_tail()}")
         self.say(f"serving {url} (log {server.log_path}); the workers keep running.")
         self.say("Press Ctrl-C to stop the workers, beat and the server.")
         self.live.every = 60.0  # off a terminal, a line when a worker's status changes
