@@ -16,6 +16,8 @@ from example_project.settings import DATABASES
 PG_URL = os.environ.get("WORKER_HEALTH_TEST_DATABASE_URL", "")
 if PG_URL:
     DATABASES["postgres"] = dj_database_url.parse(PG_URL)
-    DATABASES["postgres"]["TEST"] = {"NAME": "test_worker_health"}
+    # a suffix keeps concurrent runs (tox envs, several checkouts) apart on one server
+    suffix = os.environ.get("WORKER_HEALTH_TEST_DB_SUFFIX", "")
+    DATABASES["postgres"]["TEST"] = {"NAME": f"test_worker_health{suffix}"}
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
