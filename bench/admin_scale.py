@@ -59,7 +59,7 @@ def pages(workers: int) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
-def measure(repeat: int, workers: int) -> list[list[str]]:
+def measure(repeat: int, workers: int, slow: list[str]) -> list[list[str]]:
     from django.contrib.auth import get_user_model
     from django.db import connection
     from django.test import Client
@@ -85,7 +85,10 @@ def measure(repeat: int, workers: int) -> list[list[str]]:
             status = response.status_code
             if n == 0:
                 queries = len(ctx.captured_queries)
-                slowest_sql = max((float(q["time"]) for q in ctx.captured_queries), default=0.0)
+                slowest = max(ctx.captured_queries, key=lambda q: float(q["time"]), default=None)
+                slowest_sql = float(slowest["time"]) if slowest else 0.0
+                if slowest is not None and slowest_sql > 0.05:
+                    slow.append(explain_slow(label, slowest["sql"]))
         rows.append(
             [
                 label,
@@ -99,6 +102,16 @@ def measure(repeat: int, workers: int) -> list[list[str]]:
         )
         print(" | ".join(rows[-1]), flush=True)
     return rows
+
+
+def explain_slow(label: str, sql: str) -> str:
+    """EXPLAIN ANALYZE of a page's slowest query (the SQL as logged, parameters inlined)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    return f"-- {label}\n{sql}\n{plan}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             bigdata.populate_workers(conn, args.workers)
             bigdata.populate_events(conn, args.events)
             bigdata.make_stale(conn, args.workers, 100, worker_pk=2)  # something to show
-            conn.execute("UPDATE worker_registry SET status = 'failed' WHERE id %% 97 = 5")
+            conn.execute("UPDATE worker_registry SET status = 'failed' WHERE id % 97 = 5")
             conn.execute("VACUUM ANALYZE")
             print(f"filled in {time.monotonic() - started:.0f} s", flush=True)
         os.environ.update(
@@ -146,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         from django.conf import settings
 
         settings.ALLOWED_HOSTS.append("testserver")
-        rows = measure(args.repeat, args.workers)
+        slow: list[str] = []
+        rows = measure(args.repeat, args.workers, slow)
         from django.db import connections
 
         connections.close_all()
@@ -159,11 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     text = table(headers, rows)
     print()
     print(text)
+    slow_text = "\n\n".join(f"```\n{plan}\n```" for plan in slow)
+    print()
+    print(slow_text)
     if args.write_docs:
         body = (
             f"Measured {stamp()} with `python -m bench.admin_scale` ({args.workers:,} workers, "
             f"{args.tasks:,} task rows, {args.events:,} events, {args.repeat} requests per "
-            f"page) on: {machine_markdown(info)}.\n\n{text}\n"
+            f"page) on: {machine_markdown(info)}.\n\n{text}\n\n<details><summary>Plans of the "
+            f"queries slower than 50 ms</summary>\n\n{slow_text}\n</details>\n"
         )
         write_section(DOCS / "benchmarks.md", "admin", body)
     return 0

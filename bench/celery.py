@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from example_project.celery import app
 
-from . import probe
+from . import probe, prototype
 
 probe.connect()
+prototype.install()
 
 __all__ = ("app",)

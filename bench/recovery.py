@@ -143,7 +143,9 @@ def one_trial(cluster: Cluster, label: str, mode: str, n: int) -> Trial:
     settings = cluster.settings
     bound = settings["STALE_AFTER"] + settings["CHECK_INTERVAL"]
     task_id = f"{cluster.queue}-{label}-{n}"
-    work.apply_async(kwargs={"seconds": TASK_SECONDS, "label": task_id}, task_id=task_id)
+    work.apply_async(
+        kwargs={"seconds": TASK_SECONDS, "label": task_id}, task_id=task_id, queue=cluster.queue
+    )
 
     def claimed() -> Any:
         close_old_connections()
