@@ -6,7 +6,9 @@
   hang would cost half an hour) and never reruns a test that timed out, so a hang is a
   failure, not a stuck CI;
 * sends the Redis keys that Celery's test helpers write (``get_redis_connection()``, database
-  0 of localhost by default) to a database of the gate's own.
+  0 of localhost by default) to a database of the gate's own, without the 5 s socket
+  timeout that redis-py 8 gives a connection by default (the suite blocks on BLPOP for
+  up to 60 s).
 
 The run with worker_health adds :mod:`compat.plugin` on top; it annotates tests through
 :func:`annotate` and the session through :func:`session_extra`.
@@ -249,7 +251,9 @@ def redirect_helper_redis(config: pytest.Config) -> None:
     from redis import StrictRedis
 
     def get_redis_connection() -> StrictRedis:
-        return StrictRedis.from_url(url)
+        # No socket timeout, as redis-py had before 8.0 (whose default is 5 s): the suite
+        # waits on BLPOP for up to 60 s, which a 5 s read timeout turns into failures.
+        return StrictRedis.from_url(url, socket_timeout=None)
 
     for name, module in list(sys.modules.items()):
         if name.startswith("t.integration") and hasattr(module, "get_redis_connection"):

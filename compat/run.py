@@ -563,18 +563,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     targets = list(FILES)
     keyword = args.keyword
-    selection = "all of `test_tasks.py` and `test_canvas.py`"
+    selection = (
+        "of `test_tasks.py` and `test_canvas.py`"
+        if keyword
+        else ("all of `test_tasks.py` and `test_canvas.py`")
+    )
     if args.ci:
-        classes = " or ".join(CI_CANVAS_SELECTION)
-        ci_keyword = f"test_tasks.py or ({classes})"
-        keyword = f"({ci_keyword}) and ({keyword})" if keyword else ci_keyword
+        targets = [FILES[0], *(f"{FILES[1]}::{cls}" for cls in CI_CANVAS_SELECTION)]
         selection = (
             "all of `test_tasks.py`; the "
             + ", ".join(f"`{c}`" for c in CI_CANVAS_SELECTION)
             + " classes of `test_canvas.py`"
         )
-    elif keyword:
-        selection = f"`-k {keyword}`"
+    if keyword:
+        selection = ("" if args.ci else "all tests ") + selection + f" matching `-k {keyword}`"
     log(f"celery {version}: suite in {suite}")
     reports: dict[str, dict[str, Any]] = {}
 
