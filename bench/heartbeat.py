@@ -170,7 +170,8 @@ def simulate(argv: list[str]) -> None:
     def on_connect(sender: Any = None, connection: Any = None, **_: Any) -> None:
         with lock:
             connects[0] += 1
-        connection.execute_wrappers.append(counter)
+        if counter not in connection.execute_wrappers:  # the same wrapper reconnects
+            connection.execute_wrappers.append(counter)
 
     connection_created.connect(on_connect, weak=False)
 
@@ -326,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-seconds", type=float, default=150, help="window, defaults")
     parser.add_argument("--workers", type=int, default=1000, help="simulated workers")
     parser.add_argument("--sim-seconds", type=float, default=60)
+    parser.add_argument(
+        "--sims",
+        default="30,3,30-as-shipped",
+        help="simulations: heartbeat interval, '-as-shipped' for CONN_MAX_AGE=0",
+    )
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(args_list)
     info = print_machine()
@@ -343,11 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             print(real_text)
             print(detail_text)
             sims = []
-            for label, interval, max_age in (
-                ("persistent connections", 30.0, 600),
-                ("persistent connections", 3.0, 600),
-                ("as shipped (CONN_MAX_AGE=0)", 30.0, 0),
-            ):
+            plans = []
+            for spec in args.sims.split(","):
+                shipped = spec.endswith("-as-shipped")
+                interval = float(spec.removesuffix("-as-shipped"))
+                label = "as shipped (CONN_MAX_AGE=0)" if shipped else "persistent connections"
+                plans.append((label, interval, 0 if shipped else 600))
+            for label, interval, max_age in plans:
                 r = run_simulation(db, args.workers, interval, args.sim_seconds, max_age)
                 sims.append(sim_row(label, args.workers, interval, r))
                 print(" | ".join(sims[-1]), flush=True)

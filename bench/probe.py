@@ -159,9 +159,11 @@ def _sql_timer(execute: Callable[..., Any], sql: str, params: Any, many: bool, c
 
 
 def _on_connection_created(sender: Any = None, connection: Any = None, **_: Any) -> None:
-    if connection is not None and _sql_timer not in connection.execute_wrappers:
+    if connection is None:
+        return
+    _add("connect", 0.0)  # every (re)connection
+    if _sql_timer not in connection.execute_wrappers:
         connection.execute_wrappers.append(_sql_timer)
-        _add("connect", 0.0)
 
 
 def _timed(label: str, fn: Callable[..., Any], *, by_caller: bool = False) -> Callable[..., Any]:

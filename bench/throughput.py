@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with bench_database("throughput", keep=args.keep_db) as db:
             if args.profile:
-                return profile(db, workdir, args.tasks, args.py_spy, variants)
+                docs = machine_markdown(info) if args.write_docs else None
+                return profile(db, workdir, args.tasks, args.py_spy, variants, docs)
             bench = Bench(db, workdir)
             # warm-up (imports, page cache, first connections), not counted
             for variant in variants:
@@ -455,10 +456,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile(
-    db: BenchDatabase, workdir: Path, tasks: int, pyspy: bool, variants: tuple[str, ...]
+    db: BenchDatabase,
+    workdir: Path,
+    tasks: int,
+    pyspy: bool,
+    variants: tuple[str, ...],
+    write_docs: str | None = None,
 ) -> int:
+    """Profiled runs (timers and SQL in every process), then the isolated costs."""
     profile_dir = workdir / "profile"
     bench = Bench(db, workdir, profile_dir=profile_dir)
+    out: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        out.append(text)
+
     for variant in [v for v in ("plain", "worker_health", *PROTOTYPES) if v in variants]:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(profile_dir / variant)
@@ -467,19 +480,36 @@ def profile(
         spy_out = workdir / f"pyspy-{variant}.txt" if pyspy else None
         run = bench.run(variant, tasks, pyspy=spy_out)
         time.sleep(1.0)
-        print(f"\n## {variant}: {run.rate:.0f} tasks/s (profiled: timers on, slower than real)")
-        print(
-            f"publish {run.publish_us:.0f} µs/task; "
-            f"CPU per task: worker main {run.cpu_main_us:.0f} µs, "
-            f"pool {run.cpu_children_us:.0f} µs, PostgreSQL backends {run.cpu_postgres_us:.0f} µs; "
-            f"per task: " + ", ".join(f"{k} {v:.2f}" for k, v in run.db.items())
+        say(f"\n#### {variant}: {run.rate:.0f} tasks/s (profiled: timers on)\n")
+        say(
+            f"Publish {run.publish_us:.0f} µs/task; CPU per task: worker main process "
+            f"{run.cpu_main_us:.0f} µs, pool processes {run.cpu_children_us:.0f} µs, PostgreSQL "
+            f"backends {run.cpu_postgres_us:.0f} µs; per task: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in run.db.items() if v)
+            + "\n"
         )
-        print(aggregate_profile(profile_dir / variant, tasks))
+        say(aggregate_profile(profile_dir / variant, tasks))
         if spy_out is not None:
             print(collapse_pyspy(spy_out))
             keep = Path(os.environ.get("BENCH_PYSPY_KEEP", "/tmp")) / spy_out.name
-            shutil.copy(spy_out, keep) if spy_out.exists() else None
+            if spy_out.exists():
+                shutil.copy(spy_out, keep)
             print(f"(raw py-spy profile copied to {keep})")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.tracking_costs", "--database-url", db.url],
+        env=clean_env(BENCH_VARIANT="all", DATABASE_URL=db.url),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    say("\n#### Each tracking write on its own\n")
+    say(result.stdout.strip().split("\n", 1)[-1])
+    if write_docs:
+        body = (
+            f"Measured {stamp()} with `python -m bench.throughput --profile --tasks {tasks}` "
+            f"on: {write_docs}.\n" + "\n".join(out) + "\n"
+        )
+        write_section(DOCS / "benchmarks.md", "profile", body)
     return 0
 
 

@@ -339,6 +339,61 @@ def run_costs(n: int) -> str:
         )
     )
 
+    # -- index maintenance: the same writes on a copy of the table with fewer indexes -------------
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS task_queue_lean")
+        cursor.execute("CREATE TABLE task_queue_lean (LIKE task_queue INCLUDING DEFAULTS)")
+        cursor.execute("ALTER TABLE task_queue_lean ADD PRIMARY KEY (id)")
+        cursor.execute("ALTER TABLE task_queue_lean ADD UNIQUE (task_id)")
+        cursor.execute(
+            "CREATE INDEX ON task_queue_lean (claimed_by_id, status) "
+            "WHERE status IN ('reserved', 'claimed')"
+        )
+        cursor.execute("CREATE INDEX ON task_queue_lean (status, finished_at)")
+        cursor.execute("INSERT INTO task_queue_lean SELECT * FROM task_queue")
+        cursor.execute("ANALYZE task_queue_lean")
+    lean_ids = publish_rows("lean")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO task_queue_lean SELECT * FROM task_queue WHERE task_id LIKE %s",
+            [f"{prefix}-lean-%"],
+        )
+
+    def claim_finish(table_name: str, task_ids: list[str]) -> Callable[[int], None]:
+        claim_sql = CLAIM_SQL.replace("UPDATE task_queue", f"UPDATE {table_name}").replace(
+            "task_queue.", f"{table_name}."
+        )
+        finish_sql = (
+            f"UPDATE {table_name} SET status = 'succeeded', finished_at = now(), "
+            "updated_at = now() WHERE task_id = %s AND status = 'claimed' AND fencing_token = %s"
+        )
+
+        def run(i: int) -> None:
+            with connection.cursor() as cursor:
+                cursor.execute(claim_sql, {"worker": worker.pk, "inc": inc, "task_id": task_ids[i]})
+                token = cursor.fetchone()
+                cursor.execute(finish_sql, [task_ids[i], token[0] if token else 0])
+
+        return run
+
+    full_ids = publish_rows("full")
+    rows.append(
+        row(
+            "claim + finish in SQL, task_queue as migrated (8 indexes)",
+            measure(claim_finish("task_queue", full_ids), n),
+        )
+    )
+    rows.append(
+        row(
+            "claim + finish in SQL, without the _like, task_name and (status, updated_at) "
+            "indexes (4 left)",
+            measure(claim_finish("task_queue_lean", lean_ids), n),
+            note="proposal P5",
+        )
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE task_queue_lean")
+
     # -- the hand-off to the db thread ----------------------------------------------------------
     rows.append(
         row(
