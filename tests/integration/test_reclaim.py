@@ -71,10 +71,10 @@ def test_sigkill_running_and_prefetched_tasks_run_exactly_once(stack: Stack) -> 
     ids = stack.publish("work", 16, kwargs={"seconds": 2.5})
     wait_held(stack, stack.node("victim"), running=2, reserved=1)
     survivor = stack.worker("survivor", concurrency=2, pool="threads")
-    held = set(
+    held = dict(
         tasks(stack)
         .filter(claimed_by__worker_id=stack.node("victim"), status__in=("claimed", "reserved"))
-        .values_list("task_id", flat=True)
+        .values_list("task_id", "status")
     )
     victim.kill_group()
     killed_at = time.monotonic()
@@ -94,13 +94,20 @@ def test_sigkill_running_and_prefetched_tasks_run_exactly_once(stack: Stack) -> 
         events(stack).filter(kind=EventKind.TASK_RECLAIMED).values_list("task_id", flat=True)
     )
     assert held, "the victim held nothing: the scenario did not test reclamation"
-    # everything the victim held and had not finished was reclaimed and ran on the survivor
-    unfinished_on_victim = held - set(
+    finished_on_victim = set(
         effects(stack).filter(worker=stack.node("victim")).values_list("task_id", flat=True)
     )
-    assert unfinished_on_victim <= reclaimed
+    running = {t for t, status in held.items() if status == "claimed"} - finished_on_victim
+    waiting = {t for t, status in held.items() if status == "reserved"} - finished_on_victim
+    # What it was running (acked early: no broker gives it back) was reclaimed by us.
+    assert running <= reclaimed
+    if not stack.broker_url.startswith("amqp"):
+        # What it had prefetched too. (RabbitMQ requeues unacked messages itself when the
+        # connection drops; then the survivor takes them before any sweep: also fine.)
+        assert waiting <= reclaimed
+    # and all of it ran on the survivor, once (checked above)
     assert set(
-        effects(stack).filter(task_id__in=unfinished_on_victim).values_list("worker", flat=True)
+        effects(stack).filter(task_id__in=running | waiting).values_list("worker", flat=True)
     ) <= {stack.node("survivor")}
     assert survivor.alive()
     print(f"[{stack.name}] detected after {detected_after:.1f} s")
