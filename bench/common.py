@@ -23,10 +23,25 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
-#: the PostgreSQL server (a database of the benchmark's own is created on it)
-PG_SERVER = os.environ.get("BENCH_PG_SERVER", "postgres://root@127.0.0.1:5432")
-REDIS_SERVER = os.environ.get("BENCH_REDIS_SERVER", "redis://127.0.0.1:6379")
-AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+def _server_of(url: str) -> str:
+    """``scheme://user@host:port`` of a database URL (its path, the database, dropped)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}" if rest else ""
+
+
+#: the PostgreSQL server (a database of the benchmark's own is created on it); by default
+#: the server of the tests' database (``WORKER_HEALTH_TEST_DATABASE_URL``), as in CI
+PG_SERVER = os.environ.get("BENCH_PG_SERVER") or (
+    _server_of(os.environ.get("WORKER_HEALTH_TEST_DATABASE_URL", ""))
+    or "postgres://root@127.0.0.1:5432"
+)
+REDIS_SERVER = os.environ.get("BENCH_REDIS_SERVER") or (
+    _server_of(os.environ.get("WORKER_HEALTH_TEST_REDIS_URL", "")) or "redis://127.0.0.1:6379"
+)
+AMQP_URL = os.environ.get("BENCH_AMQP_URL") or os.environ.get(
+    "WORKER_HEALTH_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"
+)
 
 T = TypeVar("T")
 

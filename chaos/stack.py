@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -131,15 +132,14 @@ class Stack:
         run_manage(["migrate", "--noinput", "-v", "0"], database_url=self.db_url, variant="all")
         with self.ledger() as conn:
             conn.execute(LEDGER_SQL)
-        host, port = PG_SERVER.rsplit("@", 1)[1].split(":")
-        self.db_proxy = TcpProxy(host, int(port)).start()
+        pg = urlsplit(PG_SERVER)
+        self.db_proxy = TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432).start()
         if self.broker_kind == "redis-private":
             self.redis = PrivateRedis(self.workdir / "redis")
             self.redis.start()
         elif self.broker_kind == "amqp":
-            target = AMQP_URL.split("@", 1)[1].split("/", 1)[0]
-            amqp_host, amqp_port = target.split(":")
-            self.broker_proxy = TcpProxy(amqp_host, int(amqp_port)).start()
+            amqp = urlsplit(AMQP_URL)
+            self.broker_proxy = TcpProxy(amqp.hostname or "127.0.0.1", amqp.port or 5672).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -179,15 +179,18 @@ class Stack:
     @property
     def proxied_db_url(self) -> str:
         assert self.db_proxy is not None
-        user = PG_SERVER.split("//", 1)[1].split("@", 1)[0]
-        return f"postgres://{user}@127.0.0.1:{self.db_proxy.port}/{self.db_name}"
+        pg = urlsplit(PG_SERVER)
+        auth = pg.netloc.rsplit("@", 1)[0] + "@" if "@" in pg.netloc else ""
+        return f"postgres://{auth}127.0.0.1:{self.db_proxy.port}/{self.db_name}"
 
     @property
     def broker_url(self) -> str:
         if self.redis is not None:
             return self.redis.url
         if self.broker_proxy is not None:
-            return f"amqp://guest:guest@127.0.0.1:{self.broker_proxy.port}//"
+            amqp = urlsplit(AMQP_URL)
+            auth = amqp.netloc.rsplit("@", 1)[0] + "@" if "@" in amqp.netloc else ""
+            return f"amqp://{auth}127.0.0.1:{self.broker_proxy.port}{amqp.path or '/'}"
         return f"{REDIS_SERVER}/{REDIS_DB}"
 
     @property
