@@ -122,6 +122,11 @@ class Settings:
         return self.STALE_AFTER
 
     @property
+    def SYNCHRONOUS_COMMIT(self) -> bool:
+        """Wait for PostgreSQL's WAL flush on tracking writes (see durability.py)."""
+        return bool(self.raw("SYNCHRONOUS_COMMIT", False))
+
+    @property
     def HEARTBEAT_RETRY_MAX(self) -> float:
         """Longest wait between two heartbeat attempts while the database is unreachable."""
         return max(0.05, min(self.HEARTBEAT_INTERVAL / 2, 2.0))

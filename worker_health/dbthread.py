@@ -18,6 +18,8 @@ from typing import TypeVar
 
 from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
+from .durability import relax_connection
+
 logger = logging.getLogger("worker_health")
 
 T = TypeVar("T")
@@ -49,11 +51,13 @@ def _guarded(fn: Callable[[], T]) -> T:
     """Run ``fn``; if the connection turns out to be dead (the database restarted or
     dropped it while idle), reconnect and run it once more."""
     try:
+        relax_connection()
         return fn()
     except (OperationalError, InterfaceError):
         if any(conn.in_atomic_block for conn in connections.all(initialized_only=True)):
             raise
         _drop_connections()
+        relax_connection()
         return fn()
     except Exception:
         close_old_connections()

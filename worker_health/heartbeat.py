@@ -25,6 +25,7 @@ from celery import bootsteps
 from django.db import DatabaseError, InterfaceError, close_old_connections, connections
 
 from .conf import settings
+from .durability import relax_connection
 from .querysets import db_now_minus
 
 if TYPE_CHECKING:
@@ -202,6 +203,7 @@ class Heart:
         """One heartbeat. Never raises: a database error returns False (retried)."""
         try:
             close_old_connections()
+            relax_connection()
             if not self.registered:
                 register(self.identity)
                 self.registered = True

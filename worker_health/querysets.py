@@ -11,11 +11,12 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
 from django.db.models.functions import Now
+from django.db.models.sql import UpdateQuery
 
 if TYPE_CHECKING:
     from .models import DetectorState, TaskQueue, WorkerEvent, WorkerRegistry  # noqa: F401
@@ -195,6 +196,21 @@ def _holder_alive() -> Exists:
     )
 
 
+def _update_returning(qs: models.QuerySet[Any], values: dict[str, Any], column: str) -> Any:
+    """``qs.update(**values)`` with ``RETURNING column`` (PostgreSQL); the value of the
+    first updated row, or None when no row matched."""
+    query = cast(UpdateQuery, qs.query.chain(UpdateQuery))
+    query.add_update_values(values)
+    compiler = query.get_compiler(qs.db)
+    compiler.pre_sql_setup()
+    sql, params = compiler.as_sql()
+    quoted = compiler.connection.ops.quote_name(column)
+    with compiler.connection.cursor() as cursor:
+        cursor.execute(f"{sql} RETURNING {quoted}", params)
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
 class TaskQuerySet(models.QuerySet["TaskQueue"]):
     def held_by(self, worker: WorkerRegistry | int) -> TaskQuerySet:
         """Tasks a worker holds: received but not started, or running."""
@@ -214,19 +230,22 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         expires: datetime | None,
     ) -> None:
         """The publisher's single statement: insert the row unless a worker already did."""
-        self.bulk_create(
-            [
-                self.model(
-                    task_id=task_id,
-                    task_name=task_name,
-                    queue=queue,
-                    routing_key=queue,
-                    eta=eta,
-                    expires=expires,
-                )
-            ],
-            ignore_conflicts=True,
-        )
+        from .durability import relaxed_write
+
+        with relaxed_write(self.db):
+            self.bulk_create(
+                [
+                    self.model(
+                        task_id=task_id,
+                        task_name=task_name,
+                        queue=queue,
+                        routing_key=queue,
+                        eta=eta,
+                        expires=expires,
+                    )
+                ],
+                ignore_conflicts=True,
+            )
 
     def reserve(
         self, deliveries: Sequence[Delivery], worker_pk: int, incarnation: uuid.UUID
@@ -270,41 +289,50 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
             Q(status="claimed") & ~_holder_alive()
         )
 
+        values = {
+            "status": "claimed",
+            "claimed_by": worker_pk,
+            "claimed_incarnation": incarnation,
+            "claimed_at": Now(),
+            "fencing_token": F("fencing_token") + 1,
+            "reclaim_lease": None,
+            "updated_at": Now(),
+        }
+        target = self.filter(task_id=task_id).filter(claimable)
+
         def take() -> int:
-            return (
-                self.filter(task_id=task_id)
-                .filter(claimable)
-                .update(
+            return target.update(**values)
+
+        if connections[self.db].vendor == "postgresql":
+            # The claim and its new token in one statement: the ORM's own UPDATE, with
+            # RETURNING added.
+            token = _update_returning(target, values, "fencing_token")
+            if token is not None:
+                return int(token)
+        elif take():
+            return self._own_token(task_id, worker_pk, incarnation)
+        try:
+            with transaction.atomic(using=self.db):
+                self.create(
+                    task_id=task_id,
+                    task_name=task_name,
+                    queue=queue,
+                    routing_key=queue,
                     status="claimed",
-                    claimed_by=worker_pk,
+                    claimed_by_id=worker_pk,
                     claimed_incarnation=incarnation,
                     claimed_at=Now(),
-                    fencing_token=F("fencing_token") + 1,
-                    reclaim_lease=None,
-                    updated_at=Now(),
+                    fencing_token=1,
                 )
-            )
+            return 1
+        except IntegrityError:
+            # The row appeared meanwhile (the publisher's insert, or this worker's own
+            # record of the delivery): claim it if it is claimable, else it's a duplicate.
+            if not take():
+                return None
+        return self._own_token(task_id, worker_pk, incarnation)
 
-        if not take():
-            try:
-                with transaction.atomic(using=self.db):
-                    self.create(
-                        task_id=task_id,
-                        task_name=task_name,
-                        queue=queue,
-                        routing_key=queue,
-                        status="claimed",
-                        claimed_by_id=worker_pk,
-                        claimed_incarnation=incarnation,
-                        claimed_at=Now(),
-                        fencing_token=1,
-                    )
-                return 1
-            except IntegrityError:
-                # The row appeared meanwhile (the publisher's insert, or this worker's own
-                # record of the delivery): claim it if it is claimable, else it's a duplicate.
-                if not take():
-                    return None
+    def _own_token(self, task_id: str, worker_pk: int, incarnation: uuid.UUID) -> int | None:
         return (
             self.filter(
                 task_id=task_id,

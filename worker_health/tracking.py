@@ -36,6 +36,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, tran
 
 from . import dbthread
 from .conf import settings
+from .durability import relax_connection
 from .heartbeat import WorkerIdentity, identity_for, in_worker_process
 from .querysets import Delivery
 
@@ -230,6 +231,8 @@ class Recorder:
     def _write_pending(self) -> None:
         from .models import TaskQueue
 
+        if self._items:
+            relax_connection()
         while self._items:
             if self.identity.pk is None:
                 return  # not registered yet: the heart will; keep the items
