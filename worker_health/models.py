@@ -33,14 +33,6 @@ class TaskStatus(models.TextChoices):
 
 #: statuses in which a worker holds the task
 HELD_STATUSES = (TaskStatus.RESERVED, TaskStatus.CLAIMED)
-#: statuses from which a delivery may start the task
-CLAIMABLE_STATUSES = (TaskStatus.QUEUED, TaskStatus.RESERVED, TaskStatus.RECLAIMING)
-FINISHED_STATUSES = (
-    TaskStatus.SUCCEEDED,
-    TaskStatus.FAILED,
-    TaskStatus.REVOKED,
-    TaskStatus.QUARANTINED,
-)
 
 
 class WorkerRegistry(models.Model):
@@ -164,10 +156,6 @@ class TaskQueue(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}]"
-
-    @property
-    def is_held(self) -> bool:
-        return self.status in HELD_STATUSES
 
 
 class EventKind(models.TextChoices):
