@@ -39,6 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .known import known_reason
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".compat-cache"
 DOCS = ROOT / "docs" / "compatibility.md"
@@ -273,6 +275,10 @@ class Comparison:
     other_differences: list[str] = field(default_factory=list)
     #: passed in both, but needed reruns with worker_health only
     reruns_with_worker_health: list[str] = field(default_factory=list)
+    #: regressions listed in compat/known.py: diagnosed, fix pending (reason by test)
+    known_differences: dict[str, str] = field(default_factory=dict)
+    #: entries of compat/known.py that passed with worker_health this time
+    known_not_reproduced: list[str] = field(default_factory=list)
     #: failed with worker_health, then passed when run again with worker_health (Celery's
     #: suite has races of its own: these are listed, and do not fail the gate)
     flaky_with_worker_health: dict[str, str] = field(default_factory=dict)
@@ -305,6 +311,15 @@ def compare(plain: dict[str, Any], wh: dict[str, Any]) -> Comparison:
             result.other_differences.append(nodeid)
         else:
             result.failing_in_both.append(nodeid)
+    for nodeid in nodeids:
+        reason = known_reason(nodeid)
+        if reason is None:
+            continue
+        if nodeid in result.regressions:
+            result.regressions.remove(nodeid)
+            result.known_differences[nodeid] = reason
+        elif outcome(wh, nodeid) in PASSING:
+            result.known_not_reproduced.append(nodeid)
     if not nodeids:
         result.problems.append("no test ran")
     result.problems += worker_health_problems(wh)
@@ -417,6 +432,25 @@ def markdown(result: Comparison, command: str, selection: str) -> str:
             lines.append(f"  - worker_health event: {event['kind']} {event.get('task_id', '')}")
     for problem in result.problems:
         lines.append(f"- {problem}")
+    lines += [
+        "",
+        f"### Known differences, fix pending ({len(result.known_differences)})",
+        "",
+        "Listed in `compat/known.py`; they run in both runs and do not fail the gate.",
+        "",
+    ]
+    if not result.known_differences:
+        lines.append("None.")
+    for nodeid, reason in result.known_differences.items():
+        lines.append(
+            f"- `{short_id(nodeid)}`: plain {describe(plain, nodeid)}; "
+            f"worker_health {describe(wh, nodeid)}. Why: {reason}"
+        )
+    for nodeid in result.known_not_reproduced:
+        lines.append(
+            f"- `{short_id(nodeid)}` is in `compat/known.py` but passed with worker_health: "
+            "remove it once the fix is in."
+        )
     lines += [
         "",
         f"### Tests that fail in both runs ({len(result.failing_in_both)})",
@@ -622,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                 "other_differences": result.other_differences,
                 "reruns_with_worker_health": result.reruns_with_worker_health,
                 "flaky_with_worker_health": result.flaky_with_worker_health,
+                "known_differences": result.known_differences,
+                "known_not_reproduced": result.known_not_reproduced,
                 "problems": result.problems,
             },
             indent=1,
