@@ -249,8 +249,7 @@ def test_three_detectors_publish_each_task_once(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("serializer", ["json", "pickle"])
-def test_eta_and_serializers_survive_reclaim(sqlite_stack: Stack, serializer: str) -> None:
-    stack = sqlite_stack
+def test_eta_and_serializers_survive_reclaim(stack: Stack, serializer: str) -> None:
     victim = stack.worker("etaholder", concurrency=1)
     ids = stack.publish("work", 3, kwargs={"seconds": 0.1}, countdown=8, serializer=serializer)
     wait_for(
