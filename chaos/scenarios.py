@@ -323,8 +323,7 @@ def broker_restart(variant: str, broker: str, scale: Scale) -> Result:
     """The broker goes away mid-run and comes back: a private redis-server restarted
     gracefully (append-only file), or RabbitMQ's connections cut by a TCP proxy."""
     result = Result("broker restart", variant, broker)
-    kind = "redis-private" if broker == "redis" else broker
-    with stack("brokerrestart", variant, broker=kind) as s:
+    with stack("brokerrestart", variant, broker=broker) as s:
         start_workers(s, ["w1", "w2"])
         ids = s.publish(scale.count(60, 120), seconds=0.5)
         time.sleep(3.0)
