@@ -8,13 +8,14 @@ import os
 import platform
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,6 +173,75 @@ def bench_database(
             print(f"kept database {db.name} (drop it with: dropdb -h 127.0.0.1 {db.name})")
         else:
             db.drop()
+
+
+# --------------------------------------------------------------------------------------------
+# a broker of our own
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PrivateRedis:
+    """A ``redis-server`` of our own on a free port (append-only file), that can be
+    restarted. A shared server's database index is not ours alone: other jobs on the
+    machine may ``FLUSHDB`` it, which looks exactly like lost messages."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "everysec",
+             "--save", ""],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        """A graceful restart's first half: SHUTDOWN (the AOF is fsynced on every write)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def close(self) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def redis_broker(workdir: Path, db: int) -> Iterator[str]:
+    """The Redis URL a benchmark uses: ``BENCH_REDIS_SERVER``'s database ``db`` if that is
+    set, else a private ``redis-server`` for the benchmark's duration."""
+    if os.environ.get("BENCH_REDIS_SERVER"):
+        yield f"{REDIS_SERVER}/{db}"
+        return
+    server = PrivateRedis(workdir / "redis")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.close()
 
 
 # --------------------------------------------------------------------------------------------

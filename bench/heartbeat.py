@@ -33,7 +33,6 @@ from typing import Any
 
 from .common import (
     DOCS,
-    REDIS_SERVER,
     BenchDatabase,
     Proc,
     bench_database,
@@ -42,6 +41,7 @@ from .common import (
     machine_markdown,
     print_machine,
     quantile,
+    redis_broker,
     stamp,
     table,
     unique,
@@ -58,13 +58,15 @@ FAST = {"HEARTBEAT_INTERVAL": "1", "STALE_AFTER": "3", "CHECK_INTERVAL": "1"}
 # 1. one real worker
 
 
-def real_worker(db: BenchDatabase, workdir: Path, seconds: float, fast: bool) -> dict[str, Any]:
+def real_worker(
+    db: BenchDatabase, workdir: Path, broker: str, seconds: float, fast: bool
+) -> dict[str, Any]:
     queue = unique("bench-hb")
     profile = workdir / f"profile-{queue}"
     env = clean_env(
         BENCH_VARIANT="worker_health",
         DATABASE_URL=db.url,
-        CELERY_BROKER_URL=f"{REDIS_SERVER}/{REDIS_DB}",
+        CELERY_BROKER_URL=broker,
         EXAMPLE_QUEUE=queue,
         EXAMPLE_VAR_DIR=str(workdir / "var"),
         BENCH_PROFILE_DIR=str(profile),
@@ -84,7 +86,7 @@ def real_worker(db: BenchDatabase, workdir: Path, seconds: float, fast: bool) ->
         took = time.monotonic() - started
     finally:
         worker.stop(30)
-        delete_queues(f"{REDIS_SERVER}/{REDIS_DB}", [queue])
+        delete_queues(broker, [queue])
     counts = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     return {"seconds": took, "counts": counts}
 
@@ -337,13 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     info = print_machine()
     workdir = Path(tempfile.mkdtemp(prefix="bench-hb-"))
     try:
-        with bench_database("heartbeat") as db:
+        with bench_database("heartbeat") as db, redis_broker(workdir, REDIS_DB) as broker:
             results = []
             if args.seconds:
-                results.append(("1/3/1 s", real_worker(db, workdir, args.seconds, fast=True)))
+                results.append(
+                    ("1/3/1 s", real_worker(db, workdir, broker, args.seconds, fast=True))
+                )
             if args.default_seconds:
                 results.append(
-                    ("30/60/30 s (defaults)", real_worker(db, workdir, args.default_seconds, False))
+                    (
+                        "30/60/30 s (defaults)",
+                        real_worker(db, workdir, broker, args.default_seconds, False),
+                    )
                 )
             real_text, detail_text = real_rows(results)
             print(real_text)

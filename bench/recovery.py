@@ -35,7 +35,6 @@ from typing import Any
 
 from .common import (
     DOCS,
-    REDIS_SERVER,
     Proc,
     bench_database,
     clean_env,
@@ -44,6 +43,7 @@ from .common import (
     median,
     print_machine,
     quantile,
+    redis_broker,
     stamp,
     table,
     unique,
@@ -77,12 +77,12 @@ class Trial:
 class Cluster:
     """Workers on one queue, with the driver's Django pointed at the same database."""
 
-    def __init__(self, db_url: str, workdir: Path, settings: dict[str, float]) -> None:
+    def __init__(self, db_url: str, workdir: Path, settings: dict[str, float], broker: str) -> None:
         self.db_url = db_url
         self.workdir = workdir
         self.settings = settings
         self.queue = unique("bench-rec")
-        self.broker = f"{REDIS_SERVER}/{REDIS_DB}"
+        self.broker = broker
         self.workers: dict[str, Proc] = {}
         self.serial = 0
 
@@ -216,7 +216,7 @@ def one_trial(cluster: Cluster, label: str, mode: str, n: int) -> Trial:
 
 def run_series(db_url: str, workdir: Path, label: str, settings: dict[str, float], trials: int,
                mode: str) -> list[Trial]:  # fmt: skip
-    cluster = Cluster(db_url, workdir, settings)
+    cluster = Cluster(db_url, workdir, settings, os.environ["CELERY_BROKER_URL"])
     results: list[Trial] = []
     try:
         cluster.start_worker()
@@ -277,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     info = print_machine()
     workdir = Path(tempfile.mkdtemp(prefix="bench-rec-"))
     try:
-        with bench_database("recovery") as db:
+        with bench_database("recovery") as db, redis_broker(workdir, REDIS_DB) as broker:
             os.environ.update(
                 BENCH_VARIANT="worker_health",
                 DATABASE_URL=db.url,
-                CELERY_BROKER_URL=f"{REDIS_SERVER}/{REDIS_DB}",
+                CELERY_BROKER_URL=broker,
                 EXAMPLE_VAR_DIR=str(workdir / "var"),
                 DJANGO_SETTINGS_MODULE="bench.settings",
                 WORKER_HEALTH_BEAT_SCHEDULE="false",

@@ -39,7 +39,6 @@ import redis
 
 from .common import (
     DOCS,
-    REDIS_SERVER,
     BenchDatabase,
     Proc,
     bench_database,
@@ -48,6 +47,7 @@ from .common import (
     machine_markdown,
     median,
     print_machine,
+    redis_broker,
     stamp,
     table,
     unique,
@@ -131,10 +131,12 @@ class Run:
 
 
 class Bench:
-    def __init__(self, db: BenchDatabase, workdir: Path, *, profile_dir: Path | None = None):
+    def __init__(
+        self, db: BenchDatabase, workdir: Path, broker: str, *, profile_dir: Path | None = None
+    ):
         self.db = db
         self.workdir = workdir
-        self.broker = f"{REDIS_SERVER}/{REDIS_DB}"
+        self.broker = broker
         self.redis = redis.Redis.from_url(self.broker)
         self.profile_dir = profile_dir
 
@@ -420,11 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     info = print_machine()
     workdir = Path(tempfile.mkdtemp(prefix="bench-tp-"))
     try:
-        with bench_database("throughput", keep=args.keep_db) as db:
+        with (
+            bench_database("throughput", keep=args.keep_db) as db,
+            redis_broker(workdir, REDIS_DB) as broker,
+        ):
             if args.profile:
                 docs = machine_markdown(info) if args.write_docs else None
-                return profile(db, workdir, args.tasks, args.py_spy, variants, docs)
-            bench = Bench(db, workdir)
+                return profile(db, workdir, broker, args.tasks, args.py_spy, variants, docs)
+            bench = Bench(db, workdir, broker)
             # warm-up (imports, page cache, first connections), not counted
             for variant in variants:
                 bench.run(variant, min(200, args.tasks))
@@ -458,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 def profile(
     db: BenchDatabase,
     workdir: Path,
+    broker: str,
     tasks: int,
     pyspy: bool,
     variants: tuple[str, ...],
@@ -465,7 +471,7 @@ def profile(
 ) -> int:
     """Profiled runs (timers and SQL in every process), then the isolated costs."""
     profile_dir = workdir / "profile"
-    bench = Bench(db, workdir, profile_dir=profile_dir)
+    bench = Bench(db, workdir, broker, profile_dir=profile_dir)
     out: list[str] = []
 
     def say(text: str) -> None:

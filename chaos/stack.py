@@ -17,15 +17,12 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +32,7 @@ import psycopg
 from bench.common import (
     AMQP_URL,
     PG_SERVER,
+    PrivateRedis,
     Proc,
     clean_env,
     delete_queues,
@@ -46,58 +44,6 @@ from .tasks import LEDGER_SQL
 
 VARIANTS = ("worker_health", "celery", "celery_acks_late")
 FAST = {"HEARTBEAT_INTERVAL": 1.0, "STALE_AFTER": 3.0, "CHECK_INTERVAL": 1.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class PrivateRedis:
-    """A ``redis-server`` of the suite's own (append-only file), that can be restarted.
-
-    Every Redis scenario gets one: a shared server's database index is not ours alone
-    (other jobs on the machine may ``FLUSHDB`` it, which looks exactly like lost messages).
-    """
-
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.workdir), "--appendonly", "yes", "--appendfsync", "everysec",
-             "--save", ""],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def stop(self) -> None:
-        """A graceful restart's first half: SHUTDOWN (the AOF is fsynced on every write)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def close(self) -> None:
-        self.stop()
 
 
 class Stack:
