@@ -8,7 +8,7 @@ import signal
 import time
 
 from celery import shared_task
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 
 from .models import Effect
@@ -17,6 +17,10 @@ from .models import Effect
 def record(task, label: str = "") -> None:
     task_id = task.request.id
     worker = task.request.hostname or ""
+    # The connection may have been opened before a long run (the result backend stores
+    # STARTED) and broken since (the tests cut the database): check it before writing.
+    if connection.connection is not None and not connection.is_usable():
+        connection.close()
     try:
         with transaction.atomic():
             Effect.objects.create(task_id=task_id, label=label, worker=worker)

@@ -276,3 +276,34 @@ def test_untracked_tasks_cost_no_write(sqlite_stack: Stack) -> None:
     ids = stack.publish("work", 3, kwargs={"seconds": 0})
     wait_for(lambda: effects(stack).filter(task_id__in=ids).count() == 3, 30, what="effects")
     assert not tasks(stack).filter(Q(task_id__in=ids)).exists()
+
+
+def test_database_outage_causes_no_false_reclaims(pg_stack: Stack) -> None:
+    """Workers running tasks through a database outage of 3 x STALE_AFTER: once it is back,
+    nothing is reclaimed from them and every task ran once."""
+    from tests.integration.harness import database_address, database_url
+    from tests.integration.tcp_proxy import TcpProxy
+
+    stack = pg_stack
+    host, port = database_address(stack.alias)
+    with TcpProxy(host, port) as proxy:
+        url = database_url(stack.alias, port=proxy.port)
+        stack.start_workers(
+            {
+                "busy1": {"pool": "prefork", "concurrency": 2, "DATABASE_URL": url},
+                "busy2": {"pool": "threads", "concurrency": 2, "DATABASE_URL": url},
+            }
+        )
+        # the tasks touch the database only when they end, long after the outage
+        ids = stack.publish("work", 4, kwargs={"seconds": 20, "label": "outage"})
+        wait_for(
+            lambda: tasks(stack).filter(task_id__in=ids, status="claimed").count() >= 3,
+            60,
+            what="the workers running tasks",
+        )
+        proxy.cut()
+        time.sleep(9)  # 3 x STALE_AFTER: no heartbeat, no sweep gets through
+        proxy.restore()
+        assert_each_ran_once(stack, ids, timeout=90)
+    assert not events(stack).filter(kind=EventKind.TASK_RECLAIMED).exists()
+    assert not events(stack).filter(kind=EventKind.WORKER_FAILED).exists()
