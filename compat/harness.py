@@ -2,6 +2,7 @@
 
 * writes every test's final outcome to a JSON report, after each test, so a run that is
   killed still tells which tests finished and which never did (``missing``);
+* runs the known differences (:mod:`compat.known`) once, without Celery's reruns;
 * caps each test's timeout (Celery marks some tests ``timeout=300`` with five reruns: one
   hang would cost half an hour) and never reruns a test that timed out, so a hang is a
   failure, not a stuck CI;
@@ -52,6 +53,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type=float,
         default=180.0,
         help="upper bound of any test's timeout, seconds (default 180)",
+    )
+    group.addoption(
+        "--compat-leave-out",
+        action="append",
+        default=[],
+        metavar="NODEID",
+        help="deselect this test (and its parametrizations; unlike --deselect, not every "
+        "node id it is a prefix of)",
     )
     group.addoption(
         "--compat-helper-redis",
@@ -224,15 +233,31 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from .known import known_reason
+
+    leave_out = config.getoption("compat_leave_out")
+    if leave_out:
+        left = [item for item in items if matches(item.nodeid, leave_out)]
+        if left:
+            config.hook.pytest_deselected(items=left)
+            items[:] = [item for item in items if item not in left]
     cap = config.getoption("compat_test_timeout")
     default = config.getoption("timeout", None)
     for item in items:
+        if known_reason(item.nodeid):
+            # a known difference fails the same way each time: no reruns, in either run
+            item.add_marker(pytest.mark.flaky(reruns=0), append=False)
         marker = item.get_closest_marker("timeout")
         current: Any = default
         if marker is not None:
             current = marker.args[0] if marker.args else marker.kwargs.get("timeout", default)
         if not current or float(current) > cap:
             item.add_marker(pytest.mark.timeout(cap), append=False)
+
+
+def matches(nodeid: str, keys: list[str]) -> bool:
+    """``nodeid`` is one of ``keys``, or a parametrization of one."""
+    return any(nodeid == key or nodeid.startswith(key + "[") for key in keys)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

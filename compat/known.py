@@ -26,6 +26,9 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "t/integration/test_canvas.py::test_chord::test_mutable_errback_called_by_chord_from_chain_tail": (  # noqa: E501
         REPUBLISHED_FINISHED_ID
     ),
+    "t/integration/test_canvas.py::test_chord::test_mutable_errback_called_by_chord_from_group": (
+        REPUBLISHED_FINISHED_ID
+    ),
 }
 
 

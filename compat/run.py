@@ -25,6 +25,7 @@ dropped and created afresh).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -39,7 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .known import known_reason
+from .known import KNOWN_DIFFERENCES, known_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".compat-cache"
@@ -50,6 +51,21 @@ FILES = ("t/integration/test_tasks.py", "t/integration/test_canvas.py")
 #: primitives worker_health must not disturb). Left to the tox env: test_link_error,
 #: test_result_set, test_signature_serialization, test_stamping_mechanism.
 CI_CANVAS_SELECTION = ("test_chain", "test_group", "test_chord")
+
+_CHORD = "t/integration/test_canvas.py::test_chord::"
+#: tests of CI's selection left to the tox env because of their cost, with the reason; the
+#: report lists them (with the known differences, also left out of CI: they fail by waiting
+#: for Celery's 60 s result timeouts)
+CI_LEFT_OUT: dict[str, str] = {
+    _CHORD + "test_disabling_flag_allow_error_cb_on_chord_header": (
+        "70-140 s: seven chords, each waiting for errbacks that must not come"
+    ),
+    _CHORD + "test_enabling_flag_allow_error_cb_on_chord_header": "about 85 s, as above",
+    _CHORD + "test_flag_allow_error_cb_on_chord_header_on_upgraded_chord": ("about 70 s, as above"),
+    _CHORD + "test_error_propagates_from_chord": (
+        "an xfail of Celery's that waits for its 60 s result timeout"
+    ),
+}
 
 RUNS = ("plain", "worker_health")
 #: outcomes that count as passing; anything else (failed, error, missing) is a failure
@@ -224,12 +240,18 @@ def run_pytest(config: RunConfig) -> dict[str, Any]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        _live.add(proc)
         try:
             rc = proc.wait(timeout=config.session_timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
             log(f"{config.name}: still running after {config.session_timeout:.0f}s: stopping it")
             rc = stop(proc)
+        except BaseException:
+            stop(proc)
+            raise
+        finally:
+            _live.discard(proc)
     took = time.monotonic() - started
     try:
         report: dict[str, Any] = json.loads(config.report.read_text())
@@ -243,6 +265,18 @@ def run_pytest(config: RunConfig) -> dict[str, Any]:
         tail = config.logfile.read_text(errors="replace").splitlines()[-40:]
         print("\n".join(tail), flush=True)
     return report
+
+
+#: pytest processes running now (each the leader of its own process group)
+_live: set[subprocess.Popen[Any]] = set()
+
+
+def _on_terminate(signum: int, _frame: Any) -> None:
+    """SIGTERM (CI's ``timeout``): stop the runs, whose process groups are not ours."""
+    for proc in list(_live):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    raise SystemExit(128 + signum)
 
 
 def stop(proc: subprocess.Popen[Any]) -> int:
@@ -396,7 +430,9 @@ def describe(report: dict[str, Any], nodeid: str) -> str:
     return text
 
 
-def markdown(result: Comparison, command: str, selection: str) -> str:
+def markdown(
+    result: Comparison, command: str, selection: str, left_out: dict[str, str] | None = None
+) -> str:
     plain, wh = result.plain, result.worker_health
     lines = [
         f"Celery **{plain.get('celery', '?')}**, Python {plain.get('python', '?')}; "
@@ -487,6 +523,10 @@ def markdown(result: Comparison, command: str, selection: str) -> str:
                 f"- `{short_id(nodeid)}`: plain {describe(plain, nodeid)}; "
                 f"worker_health {describe(wh, nodeid)}"
             )
+    if left_out:
+        lines += ["", f"### Left out of this selection ({len(left_out)})", ""]
+        for nodeid, reason in left_out.items():
+            lines.append(f"- `{short_id(nodeid)}`: {reason}")
     summary = wh.get("worker_health") or {}
     if summary and "error" not in summary:
         lines += [
@@ -583,6 +623,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_terminate)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if not runs or any(r not in RUNS for r in runs):
         raise SystemExit(f"--runs: choose from {', '.join(RUNS)}")
@@ -602,8 +643,12 @@ def main(argv: list[str] | None = None) -> int:
         if keyword
         else ("all of `test_tasks.py` and `test_canvas.py`")
     )
+    left_out: dict[str, str] = {}
     if args.ci:
         targets = [FILES[0], *(f"{FILES[1]}::{cls}" for cls in CI_CANVAS_SELECTION)]
+        left_out = dict(CI_LEFT_OUT)
+        for nodeid, reason in KNOWN_DIFFERENCES.items():
+            left_out[nodeid] = "known difference (run by the tox env): " + reason
         selection = (
             "all of `test_tasks.py`; the "
             + ", ".join(f"`{c}`" for c in CI_CANVAS_SELECTION)
@@ -627,7 +672,10 @@ def main(argv: list[str] | None = None) -> int:
             test_timeout=args.test_timeout,
             session_timeout=args.session_timeout,
             keyword=keyword,
-            extra_args=args.pytest_args,
+            extra_args=[
+                *(f"--compat-leave-out={nodeid}" for nodeid in left_out),
+                *args.pytest_args,
+            ],
         )
 
     if args.parallel and len(runs) > 1:
@@ -645,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m compat.run" + (" --ci" if args.ci else "")
     if args.keyword:
         command += f" -k {shlex.quote(args.keyword)}"
-    text = markdown(result, command, selection)
+    text = markdown(result, command, selection, left_out)
     (args.out / "report.md").write_text(text)
     (args.out / "comparison.json").write_text(
         json.dumps(
