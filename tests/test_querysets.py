@@ -597,3 +597,24 @@ def test_sweep_lease_truncates_a_long_detector_name(alias: str) -> None:
     who = "beat@" + "h" * 300
     assert manager.take_sweep_lease(who, spacing=10, outage_gap=60, force=False)
     assert detector(alias).last_sweep_by == who[:255]
+
+
+@pytest.mark.django_db
+def test_a_publish_reopens_a_finished_task_as_a_new_run() -> None:
+    """An application that publishes the id of a finished task again gets it run again
+    (as Celery would); a revoked id stays revoked."""
+    from worker_health.models import TaskQueue
+
+    for task_id, status in (("done", "succeeded"), ("broke", "failed"), ("stopped", "revoked")):
+        TaskQueue.objects.create(
+            task_id=task_id, task_name="t", status=status, fencing_token=2, reclaim_count=1
+        )
+    for task_id in ("done", "broke", "stopped", "new"):
+        TaskQueue.objects.record_published(
+            task_id=task_id, task_name="t", queue="q", eta=None, expires=None
+        )
+    rows = dict(TaskQueue.objects.values_list("task_id", "status"))
+    assert rows == {"done": "queued", "broke": "queued", "stopped": "revoked", "new": "queued"}
+    reopened = TaskQueue.objects.get(task_id="done")
+    assert reopened.reclaim_count == 0 and reopened.finished_at is None
+    assert reopened.fencing_token == 2  # tokens keep increasing across runs

@@ -229,10 +229,28 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         eta: datetime | None,
         expires: datetime | None,
     ) -> None:
-        """The publisher's single statement: insert the row unless a worker already did."""
+        """The publisher's record: insert the row unless a worker already did, and re-open
+        a finished one.
+
+        A publish is always a new run: a broker's redelivery and worker_health's own
+        re-publish of a reclaimed task never come through here, so an application that
+        publishes the id of a finished task again (Celery allows it; a reused signature
+        does it) gets it run again, as Celery would. A revoked id stays revoked (Celery's
+        workers drop revoked ids themselves).
+        """
         from .durability import relaxed_write
 
         with relaxed_write(self.db):
+            self.filter(task_id=task_id, status__in=("succeeded", "failed")).update(
+                status="queued",
+                claimed_by=None,
+                claimed_incarnation=None,
+                claimed_at=None,
+                finished_at=None,
+                reclaim_count=0,
+                lost_on=[],
+                updated_at=Now(),
+            )
             self.bulk_create(
                 [
                     self.model(

@@ -118,8 +118,9 @@ def on_before_task_publish(
     try:
         if in_worker_process() and not transaction.get_connection().in_atomic_block:
             # A task publishing (a chain's next link, a callback): off the task thread,
-            # whose connection Celery closes around every task.
-            dbthread.submit(record)
+            # whose connection Celery closes around every task; before the message leaves,
+            # so that a re-opened row is claimable when the message arrives.
+            dbthread.call(record)
         else:
             transaction.on_commit(record)
     except Exception:

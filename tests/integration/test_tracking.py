@@ -224,3 +224,29 @@ def test_revoked_task_is_recorded(sqlite_stack: Stack) -> None:
         30,
         what="revoked",
     )
+
+
+def test_application_publishing_a_finished_id_again_runs_it_again(sqlite_stack: Stack) -> None:
+    # Celery runs every message the application publishes, even under a finished task's id
+    # (a reused signature does that); only redeliveries of the same message are skipped.
+    stack = sqlite_stack
+    stack.worker("again", concurrency=1)
+    stack.publish("work", 1, kwargs={"seconds": 0}, prefix="reused")
+    wait_for(
+        lambda: TaskQueue.objects.using(stack.alias).filter(task_id="reused-0", status="succeeded"),
+        60,
+        what="the first run",
+    )
+    stack.publish("work", 1, kwargs={"seconds": 0}, prefix="reused")
+    wait_for(
+        lambda: Effect.objects.using(stack.alias).filter(task_id="reused-0", runs=2).exists(),
+        60,
+        what="the second run",
+    )
+    row = TaskQueue.objects.using(stack.alias).get(task_id="reused-0")
+    assert row.fencing_token == 2
+    assert (
+        not WorkerEvent.objects.using(stack.alias)
+        .filter(kind=EventKind.DUPLICATE_DELIVERY)
+        .exists()
+    )
