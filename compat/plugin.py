@@ -19,12 +19,15 @@ declared failed), and at the end a summary of the tracking tables. The report (w
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from .harness import annotate, session_extra
+
+T = TypeVar("T")
 
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/wh_compat"
 
@@ -173,19 +176,22 @@ class Observer:
 
     def pytest_runtest_logstart(self, nodeid: str) -> None:
         try:
-            self.watermark = self.last_event_id()
+            self.watermark = with_connection(self.last_event_id)
         except Exception as exc:  # diagnostics only: never fail a test for them
             annotate(self.config, nodeid, worker_health_error=repr(exc))
 
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
         from worker_health.models import WorkerEvent
 
-        try:
-            events = list(
+        def notable() -> list[dict[str, Any]]:
+            return list(
                 WorkerEvent.objects.filter(pk__gt=self.watermark, kind__in=NOTABLE_EVENTS)
                 .order_by("pk")
                 .values("kind", "task_id", "worker_name", "details")
             )
+
+        try:
+            events = with_connection(notable)
         except Exception as exc:
             annotate(self.config, nodeid, worker_health_error=repr(exc))
             return
@@ -195,9 +201,21 @@ class Observer:
 
     def pytest_unconfigure(self) -> None:
         try:
-            session_extra(self.config)["worker_health"] = summary()
+            session_extra(self.config)["worker_health"] = with_connection(summary)
         except Exception as exc:
             session_extra(self.config)["worker_health"] = {"error": repr(exc)}
+
+
+def with_connection(query: Callable[[], T]) -> T:
+    """Run a query on this thread's connection; reconnect once if it was closed meanwhile
+    (the worker's shutdown closes connections on its way out)."""
+    from django.db import InterfaceError, OperationalError, connections
+
+    try:
+        return query()
+    except (OperationalError, InterfaceError):
+        connections.close_all()
+        return query()
 
 
 def summary() -> dict[str, Any]:
