@@ -116,7 +116,7 @@ class Outcomes:
                 )
             return
         self._durations[nodeid] = self._durations.get(nodeid, 0.0) + report.duration
-        if report.outcome == "rerun":  # type: ignore[comparison-overlap]
+        if str(report.outcome) == "rerun":  # set by pytest-rerunfailures
             self._reruns.setdefault(nodeid, []).append(short_message(report))
             self._rerun_pending.add(nodeid)
             return
@@ -167,7 +167,7 @@ class Outcomes:
             "exitstatus": self.exitstatus,
             "counts": count(self.tests),
             "tests": self.tests,
-            **self.config.stash.get(_extra_key, {}),
+            **session_extra(self.config),
         }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
@@ -282,4 +282,4 @@ def redirect_helper_redis(config: pytest.Config) -> None:
 
     for name, module in list(sys.modules.items()):
         if name.startswith("t.integration") and hasattr(module, "get_redis_connection"):
-            module.get_redis_connection = get_redis_connection
+            setattr(module, "get_redis_connection", get_redis_connection)  # noqa: B010

@@ -80,15 +80,14 @@ def recreate_database(db: dict[str, Any]) -> None:
 
     params = {
         "dbname": "postgres",
-        "user": db["USER"] or None,
-        "password": db["PASSWORD"] or None,
-        "host": db["HOST"] or None,
-        "port": db["PORT"] or None,
-        "connect_timeout": 10,
+        "user": db["USER"],
+        "password": db["PASSWORD"],
+        "host": db["HOST"],
+        "port": db["PORT"],
+        "connect_timeout": "10",
     }
-    with psycopg.connect(
-        **{k: v for k, v in params.items() if v is not None}, autocommit=True
-    ) as conn:
+    conninfo = psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v})
+    with psycopg.connect(conninfo, autocommit=True) as conn:
         name = sql.Identifier(db["NAME"])
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
@@ -184,11 +183,12 @@ class Observer:
         from worker_health.models import WorkerEvent
 
         def notable() -> list[dict[str, Any]]:
-            return list(
+            rows = (
                 WorkerEvent.objects.filter(pk__gt=self.watermark, kind__in=NOTABLE_EVENTS)
                 .order_by("pk")
                 .values("kind", "task_id", "worker_name", "details")
             )
+            return [dict(row) for row in rows]
 
         try:
             events = with_connection(notable)
