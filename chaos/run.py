@@ -14,9 +14,12 @@ never failing the run. ``--write-docs`` puts the table into docs/reliability.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from bench.common import DOCS, machine_markdown, print_machine, stamp, table, write_section
 
@@ -24,6 +27,29 @@ from .scenarios import SCENARIOS, Result, Scale, run_with_timer
 from .stack import VARIANTS
 
 SHORT = ["storm", "zombie", "db-outage", "busy", "detectors", "poison"]
+
+#: worker_health runs that fail today for a known reason (docs/reliability.md, "Known
+#: failures"): scenario or scenario/broker -> (reference and reason, strict). A strict
+#: entry must fail: when it passes, the bug is fixed and the entry must go, so the suite
+#: fails until it is removed (as pytest's ``xfail(strict=True)``). Not strict: the failure
+#: depends on timing.
+KNOWN_FAILURES: dict[str, tuple[str, bool]] = {
+    "db-outage": (
+        "K1: completions that cannot be written during a database outage are dropped, and "
+        "runs that could not be claimed are never recorded: the tasks run again",
+        True,
+    ),
+    "zombie": (
+        "K2: a worker marked failed can still claim tasks until its next heartbeat; such a "
+        "task runs on the zombie and again elsewhere",
+        False,
+    ),
+    "broker-restart/redis": (
+        "K3: prefetched messages that Celery drops when the broker connection is lost stay "
+        "'reserved' by a live worker and are not reclaimed",
+        True,
+    ),
+}
 FULL_AMQP = ["storm", "zombie", "broker-restart"]
 
 
@@ -57,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--broker", help="comma-separated, from: redis, amqp")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--results", help="append each result to this JSON-lines file as soon as it is known"
+    )
+    parser.add_argument(
+        "--table-from",
+        nargs="+",
+        metavar="FILE",
+        help="run nothing: make the table (and with --write-docs the docs) from results files",
+    )
     args = parser.parse_args(argv)
     for name in (args.scenario or "").split(","):
         if name and name not in SCENARIOS:
@@ -65,15 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     scale = Scale(short=args.short)
     results: list[Result] = []
     started = time.monotonic()
-    for name, variant, broker in plan(args):
+    if args.table_from:
+        for path in args.table_from:
+            for line in Path(path).read_text().splitlines():
+                if line.strip():
+                    results.append(Result(**json.loads(line)))
+    for name, variant, broker in [] if args.table_from else plan(args):
         print(f"==> {name} / {variant} / {broker}", flush=True)
         try:
             result = run_with_timer(SCENARIOS[name], variant, broker, scale)
         except Exception as exc:
             traceback.print_exc()
             result = Result(name, variant, broker, problems=[f"crashed: {exc!r}"[:300]])
+        result.key = name
         results.append(result)
-        verdict = "ok" if result.passed else "FAILED: " + "; ".join(result.problems)
+        if args.results:
+            with open(args.results, "a") as out:
+                out.write(json.dumps(dataclasses.asdict(result)) + "\n")
+        verdict = verdict_of(result)[0]
         print(
             f"    {result.published} tasks, lost {result.lost}, ran twice {result.twice}; "
             f"{'; '.join(result.notes)} [{result.seconds:.0f} s] {verdict}",
@@ -92,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.lost} ({r.never_received} never received)" if r.never_received else str(r.lost),
             str(r.twice),
             "; ".join(r.notes),
-            ("ok" if r.passed else "FAILED: " + "; ".join(r.problems))
-            if r.variant == "worker_health"
-            else "baseline",
+            verdict_of(r)[0],
         ]
         for r in results
     ]
@@ -102,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(headers, rows)
     print()
     print(text)
-    took = time.monotonic() - started
+    took = sum(r.seconds for r in results) if args.table_from else time.monotonic() - started
     print(f"\nchaos suite: {len(results)} runs in {took:.0f} s")
     if args.write_docs:
         mode = "--short" if args.short else "--full"
@@ -111,8 +153,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{machine_markdown(info)}.\n\n{text}\n"
         )
         write_section(DOCS / "reliability.md", "full" if args.full else "short", body)
-    failed = [r for r in results if r.variant == "worker_health" and not r.passed]
-    return 1 if failed else 0
+    unexpected = [
+        r for r in results if r.variant == "worker_health" and verdict_of(r)[1] == "FAILED"
+    ]
+    for r in unexpected:
+        print(f"[chaos] FAILED: {r.scenario} / {r.broker}: {'; '.join(r.problems)}")
+    return 1 if unexpected else 0
+
+
+def verdict_of(r: Result) -> tuple[str, str]:
+    """(text, kind) with kind one of ok, known, FAILED, baseline."""
+    if r.variant != "worker_health":
+        return "baseline", "baseline"
+    known = KNOWN_FAILURES.get(f"{r.key}/{r.broker}") or KNOWN_FAILURES.get(r.key)
+    if r.passed:
+        if known and known[1]:
+            return f"FAILED: passes, but is listed as known failure {known[0][:2]}", "FAILED"
+        return "ok", "ok"
+    problems = "; ".join(r.problems)
+    if known and not problems.startswith("crashed"):
+        return f"known failure ({known[0].split(':')[0]}): {problems}", "known"
+    return f"FAILED: {problems}", "FAILED"
 
 
 if __name__ == "__main__":

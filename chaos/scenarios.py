@@ -42,6 +42,8 @@ class Result:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: the scenario's name in ``SCENARIOS``
+    key: str = ""
 
     @property
     def passed(self) -> bool:
