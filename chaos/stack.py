@@ -191,9 +191,11 @@ class Stack:
         ]  # fmt: skip
         proc_env = self.env(**env)
         if faketime:
-            # The monotonic clock is shifted too (by a constant, harmless): with it left
-            # alone (FAKETIME_DONT_FAKE_MONOTONIC=1) Python's time.sleep fails with EINVAL.
+            # Only the wall clock is shifted: with a faked monotonic clock, Python's timed
+            # waits (threading.Event.wait, the heart's loop) hang under libfaketime. With a
+            # real one, time.sleep fails with EINVAL, so the chaos tasks do not use it.
             argv = ["faketime", "-f", faketime, *argv]
+            proc_env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
         log = self.workdir / f"{name}.log"
         proc = Proc(node, argv, proc_env, log)
         self.procs[name] = proc

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -47,7 +48,7 @@ def _write(sql: str, params: list[Any]) -> None:
         except psycopg.OperationalError:
             global _conn
             _conn = None
-            time.sleep(0.1 * (attempt + 1))
+            pause(0.1 * (attempt + 1))
     raise RuntimeError("the chaos ledger is unreachable")
 
 
@@ -60,11 +61,17 @@ def record(task: Any) -> None:
     )
 
 
+def pause(seconds: float) -> None:
+    """``time.sleep`` without ``clock_nanosleep``, which fails under libfaketime when the
+    monotonic clock is left alone (the clock-skew scenario)."""
+    threading.Event().wait(seconds)
+
+
 @shared_task(bind=True, name="chaos.effect")
 def effect(self: Any, seconds: float = 0.0) -> None:
-    """Sleep ``seconds`` (I/O-bound work), then record the effect."""
+    """Wait ``seconds`` (I/O-bound work), then record the effect."""
     if seconds:
-        time.sleep(seconds)
+        pause(seconds)
     record(self)
 
 
