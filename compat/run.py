@@ -593,7 +593,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--redis-dbs",
         default=os.environ.get("COMPAT_REDIS_DBS", "9,10,11"),
         help="database numbers of the broker, the result backend and the suite's helper "
-        "keys; flushed before each run (default: %(default)s)",
+        "keys, flushed before each run (default: %(default)s); with --parallel, three more "
+        "for the worker_health run (default: the next three)",
     )
     parser.add_argument(
         "--test-timeout", type=float, default=120.0, help="seconds per test (default 120)"
@@ -607,8 +608,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--parallel",
         action="store_true",
-        help="run plain and worker_health side by side (the worker_health run then uses the "
-        "three Redis databases after --redis-dbs, e.g. 12,13,14)",
+        help="run plain and worker_health side by side (the worker_health run then uses "
+        "three Redis databases of its own, see --redis-dbs)",
     )
     parser.add_argument(
         "--confirm",
@@ -631,8 +632,10 @@ def main(argv: list[str] | None = None) -> int:
     if not runs or any(r not in RUNS for r in runs):
         raise SystemExit(f"--runs: choose from {', '.join(RUNS)}")
     dbs = tuple(int(x) for x in args.redis_dbs.split(","))
-    if len(dbs) != 3:
-        raise SystemExit("--redis-dbs: three database numbers, e.g. 9,10,11")
+    if len(dbs) == 3:
+        dbs = (*dbs, dbs[0] + 3, dbs[1] + 3, dbs[2] + 3)
+    if len(dbs) != 6:
+        raise SystemExit("--redis-dbs: three database numbers (e.g. 9,10,11), or six")
     version = celery_version()
     try:
         suite = fetch_suite(version)
@@ -663,15 +666,15 @@ def main(argv: list[str] | None = None) -> int:
     reports: dict[str, dict[str, Any]] = {}
 
     def config_for(name: str) -> RunConfig:
-        # side by side, the worker_health run uses the three databases after the plain one's
-        offset = 3 if args.parallel and name.startswith("worker_health") else 0
+        # side by side, the worker_health run uses databases of its own
+        first = 3 if args.parallel and name.startswith("worker_health") else 0
         return RunConfig(
             name=name,
             suite=suite,
             out=args.out.resolve(),
             targets=targets,
             redis_url=args.redis_url,
-            redis_dbs=(dbs[0] + offset, dbs[1] + offset, dbs[2] + offset),
+            redis_dbs=(dbs[first], dbs[first + 1], dbs[first + 2]),
             test_timeout=args.test_timeout,
             session_timeout=args.session_timeout,
             keyword=keyword,
