@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         r for r in results if r.variant == "worker_health" and verdict_of(r)[1] == "FAILED"
     ]
     for r in unexpected:
-        print(f"[chaos] FAILED: {r.scenario} / {r.broker}: {'; '.join(r.problems)}")
+        print(f"[chaos] {r.scenario} / {r.broker}: {verdict_of(r)[0]}")
     return 1 if unexpected else 0
 
 
