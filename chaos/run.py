@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 import traceback
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in (args.scenario or "").split(","):
         if name and name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}")
+    # SIGTERM (CI's timeout) unwinds like Ctrl-C: each scenario's clean-up kills its
+    # workers and drops its database and redis-server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     info = print_machine()
     scale = Scale(short=args.short)
     results: list[Result] = []
