@@ -256,6 +256,8 @@ def run_pytest(config: RunConfig) -> dict[str, Any]:
         finally:
             _live.discard(proc)
     took = time.monotonic() - started
+    with contextlib.suppress(Exception):  # tidy only: the next run flushes them anyway
+        flush_redis(config)
     try:
         report: dict[str, Any] = json.loads(config.report.read_text())
     except (OSError, ValueError) as exc:
