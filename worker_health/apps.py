@@ -31,6 +31,11 @@ class WorkerHealthConfig(AppConfig):
             (celery_signals.task_revoked, tracking.on_task_revoked, "revoked"),
             (celery_signals.task_failure, tracking.on_task_failure, "failure"),
             (celery_signals.task_postrun, tracking.on_task_postrun, "postrun"),
+            (
+                celery_signals.worker_process_shutdown,
+                tracking.on_worker_process_shutdown,
+                "process_shutdown",
+            ),
         ]
         for signal, receiver, uid in connections:
             signal.connect(receiver, weak=False, dispatch_uid=f"worker_health.{uid}")

@@ -41,7 +41,8 @@ def _executor_for_this_process() -> ThreadPoolExecutor:
     return _executor
 
 
-def _drop_connections() -> None:
+def drop_connections() -> None:
+    """Close this thread's connections (broken ones too): the next query reconnects."""
     for conn in connections.all(initialized_only=True):
         with contextlib.suppress(Exception):  # it is broken anyway
             conn.close()
@@ -56,7 +57,7 @@ def _guarded(fn: Callable[[], T]) -> T:
     except (OperationalError, InterfaceError):
         if any(conn.in_atomic_block for conn in connections.all(initialized_only=True)):
             raise
-        _drop_connections()
+        drop_connections()
         relax_connection()
         return fn()
     except Exception:

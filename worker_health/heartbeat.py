@@ -162,6 +162,8 @@ class Heart:
         self.registered = identity.pk is not None
         self.beats = 0
         self.draining = False
+        #: claimed runs the audit found missing from the worker's memory, and since when
+        self._missing_since: dict[str, float] = {}
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -202,7 +204,8 @@ class Heart:
     def beat_once(self) -> bool:
         """One heartbeat. Never raises: a database error returns False (retried)."""
         try:
-            close_old_connections()
+            # The heart's connection persists (whatever CONN_MAX_AGE says): a beat is one
+            # statement, not a new connection; a database error closes it (_on_db_error).
             relax_connection()
             if not self.registered:
                 register(self.identity)
@@ -317,7 +320,14 @@ class Heart:
             )
             if not claimed:
                 return
-            lost = claimed - set(list(state.requests))
+            # Two looks, ``grace`` apart: a run's completion is written behind it (see
+            # completions.py), so a run that just ended may still be ``claimed`` for a
+            # moment after it left the worker's memory; and a completion that could not be
+            # written (database down) is retried meanwhile.
+            missing = claimed - set(list(state.requests))
+            now = time.monotonic()
+            lost = {t for t in missing if now - self._missing_since.get(t, now) >= grace}
+            self._missing_since = {t: self._missing_since.get(t, now) for t in missing - lost}
             if lost:
                 reclaim.reclaim(
                     TaskQueue.objects.filter(
@@ -363,6 +373,9 @@ def on_worker_init(sender: Any, **_: Any) -> None:
     _identities[sender.hostname] = identity
     identity.heart = Heart(identity)
     sender.app.steps["worker"].add(HeartbeatStep)
+    from .gate import GateStep
+
+    sender.app.steps["worker"].add(GateStep)
     # Register now so the row exists before the first task; if the database is down the
     # heart registers as soon as it answers.
     try:
@@ -392,13 +405,19 @@ def on_worker_shutdown(sender: Any, **_: Any) -> None:
 
 
 def stop_worker(identity: WorkerIdentity, *, cold: bool) -> None:
-    from . import drain, reclaim
+    from celery.worker import state
+
+    from . import completions, drain, gate, reclaim
 
     if identity.heart is not None:
         identity.heart.stop()
     try:
         close_old_connections()
-        reclaim.hand_back(identity, include_running=cold)
+        # Received and never finished: claimed by the gate but not passed on, or left in
+        # the pool's queue when it stopped. (Finished runs are written first.)
+        unfinished = set(gate.uninstall(identity)) | set(state.requests)
+        completions.flush(timeout=10.0)
+        reclaim.hand_back(identity, include_running=cold, unfinished=unfinished)
         drain.mark_offline(identity.worker_id, identity.incarnation, cold=cold)
     except Exception:
         logger.exception("worker_health: could not mark %s offline", identity.worker_id)

@@ -7,6 +7,7 @@ says who won.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -180,6 +181,44 @@ MESSAGE_FIELDS = (
 )
 
 
+#: the claim of a batch of received messages (see ``TaskQuerySet.claim_received``): an
+#: upsert of the messages that takes each row only where it is claimable, as ``claim``
+CLAIM_RECEIVED_SQL = """
+INSERT INTO task_queue AS t (task_id, task_name, status, queue, exchange, routing_key, body,
+    content_type, content_encoding, headers, properties, eta, expires, claimed_by_id,
+    claimed_incarnation, claimed_at, fencing_token, reclaim_count, publish_attempts, lost_on,
+    created_at, updated_at)
+SELECT v.task_id, v.task_name, 'claimed', v.queue, v.exchange, v.routing_key, v.body,
+    v.content_type, v.content_encoding, v.headers, v.properties, v.eta, v.expires,
+    w.worker, w.inc, now(), 1, 0, 0, '[]'::jsonb, now(), now()
+FROM (VALUES {values}) AS v(task_id, task_name, queue, exchange, routing_key, body,
+    content_type, content_encoding, headers, properties, eta, expires)
+CROSS JOIN (SELECT %s::bigint AS worker, %s::uuid AS inc) AS w
+ON CONFLICT (task_id) DO UPDATE SET
+    task_name = EXCLUDED.task_name, queue = EXCLUDED.queue, exchange = EXCLUDED.exchange,
+    routing_key = EXCLUDED.routing_key, body = EXCLUDED.body,
+    content_type = EXCLUDED.content_type, content_encoding = EXCLUDED.content_encoding,
+    headers = EXCLUDED.headers, properties = EXCLUDED.properties, eta = EXCLUDED.eta,
+    expires = EXCLUDED.expires, status = 'claimed', claimed_by_id = EXCLUDED.claimed_by_id,
+    claimed_incarnation = EXCLUDED.claimed_incarnation, claimed_at = now(),
+    fencing_token = t.fencing_token + 1, reclaim_lease = NULL, updated_at = now()
+WHERE t.status IN ('queued', 'reserved', 'reclaiming') OR (t.status = 'claimed' AND NOT EXISTS (
+    SELECT 1 FROM worker_registry r
+    WHERE r.id = t.claimed_by_id AND r.incarnation = t.claimed_incarnation
+      AND (r.status = 'active' OR (r.status = 'offline'
+           AND r.last_heartbeat >= now() - make_interval(secs => %s::float8)))))
+RETURNING t.task_id, t.fencing_token
+"""
+
+#: the end of a batch of runs, each conditional on its fencing token
+FINISH_MANY_SQL = """
+UPDATE task_queue AS t SET status = v.status, finished_at = now(), updated_at = now()
+FROM (VALUES {values}) AS v(task_id, token, status)
+WHERE t.task_id = v.task_id AND t.status = 'claimed' AND t.fencing_token = v.token
+RETURNING t.task_id, t.fencing_token
+"""
+
+
 def _holder_alive() -> Exists:
     """The worker incarnation that holds a row still runs: active, or draining (marked
     offline but still heartbeating)."""
@@ -291,6 +330,95 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
             reclaim_lease=None,
             updated_at=Now(),
         )
+
+    def claim_received(
+        self, deliveries: Sequence[Delivery], *, worker_pk: int, incarnation: uuid.UUID
+    ) -> dict[str, int | None]:
+        """A worker is about to run these received messages: store each message, note
+        that this worker holds the task and give the run a new fencing token, in one
+        statement for the batch on PostgreSQL.
+
+        Returns the new token by task id, or ``None`` for a delivery that must not run
+        (finished, or claimed by a live worker). Task ids must be distinct.
+        """
+        if not deliveries:
+            return {}
+        if connections[self.db].vendor == "postgresql":
+            return self._claim_received_pg(deliveries, worker_pk, incarnation)
+        tokens: dict[str, int | None] = {}
+        with transaction.atomic(using=self.db):  # SQLite: one lock, one sync for the batch
+            self.reserve(deliveries, worker_pk, incarnation)
+            for d in deliveries:
+                tokens[d.task_id] = self.claim(
+                    task_id=d.task_id,
+                    task_name=d.task_name,
+                    queue=d.queue,
+                    worker_pk=worker_pk,
+                    incarnation=incarnation,
+                )
+        return tokens
+
+    def _claim_received_pg(
+        self, deliveries: Sequence[Delivery], worker_pk: int, incarnation: uuid.UUID
+    ) -> dict[str, int | None]:
+        from .conf import settings
+
+        row = (
+            "(%s, %s, %s, %s, %s, %s::bytea, %s, %s, %s::jsonb, %s::jsonb, %s::timestamptz, "
+            "%s::timestamptz)"
+        )
+        params: list[Any] = []
+        for d in deliveries:
+            params += [
+                d.task_id,
+                d.task_name,
+                d.queue,
+                d.exchange,
+                d.routing_key,
+                d.body,
+                d.content_type,
+                d.content_encoding,
+                json.dumps(d.headers),
+                json.dumps(d.properties),
+                d.eta,
+                d.expires,
+            ]
+        params += [worker_pk, str(incarnation), settings.STALE_AFTER]
+        sql = CLAIM_RECEIVED_SQL.format(values=", ".join([row] * len(deliveries)))
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(sql, params)
+            claimed = {task_id: int(token) for task_id, token in cursor.fetchall()}
+        return {d.task_id: claimed.get(d.task_id) for d in deliveries}
+
+    def confirm_claim(
+        self, task_id: str, token: int, worker_pk: int, incarnation: uuid.UUID
+    ) -> bool:
+        """Is the claim with ``token`` still this worker's? (A run that waited long in the
+        pool's queue checks before it starts: its worker may have been declared failed
+        meanwhile and the task reclaimed.)"""
+        return bool(
+            self.filter(
+                task_id=task_id,
+                status="claimed",
+                fencing_token=token,
+                claimed_by=worker_pk,
+                claimed_incarnation=incarnation,
+            ).update(claimed_at=Now(), updated_at=Now())
+        )
+
+    def finish_many(self, runs: Sequence[tuple[str, int, str]]) -> set[tuple[str, int]]:
+        """Record the end of several runs ``(task_id, token, status)``; only the current
+        claim of each may. Returns the ``(task_id, token)`` pairs accepted."""
+        if not runs:
+            return set()
+        if connections[self.db].vendor == "postgresql":
+            row = "(%s, %s::integer, %s)"
+            params = [value for run in runs for value in run]
+            sql = FINISH_MANY_SQL.format(values=", ".join([row] * len(runs)))
+            with connections[self.db].cursor() as cursor:
+                cursor.execute(sql, params)
+                return {(task_id, int(token)) for task_id, token in cursor.fetchall()}
+        return {(run[0], run[1]) for run in runs if self.finish(*run)}
 
     def claim(
         self,

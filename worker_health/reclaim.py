@@ -176,11 +176,21 @@ def reclaim_lost_task(task_id: str, identity: WorkerIdentity) -> ReclaimOutcome:
     return reclaim(qs, reason="worker process lost", worker_name=identity.worker_id)
 
 
-def hand_back(identity: WorkerIdentity, *, include_running: bool) -> ReclaimOutcome:
-    """Shutdown: publish again what this worker received but will not run."""
-    statuses = ["reserved", "claimed"] if include_running else ["reserved"]
+def hand_back(
+    identity: WorkerIdentity, *, include_running: bool, unfinished: Iterable[str] = ()
+) -> ReclaimOutcome:
+    """Shutdown: publish again what this worker received but will not run: everything it
+    holds on a cold shutdown; on a warm one (running tasks are done by then) the tasks it
+    received and did not start, and the ``unfinished`` ones (claimed, never run)."""
+    held = Q(status="reserved")
+    if include_running:
+        held |= Q(status="claimed")
+    else:
+        ids = list(unfinished)
+        if ids:
+            held |= Q(status="claimed", task_id__in=ids)
     qs = TaskQueue.objects.filter(
-        claimed_by=identity.pk, claimed_incarnation=identity.incarnation, status__in=statuses
+        held, claimed_by=identity.pk, claimed_incarnation=identity.incarnation
     )
     return reclaim(qs, reason="shutdown", worker_name=identity.worker_id, count=False)
 

@@ -34,9 +34,10 @@ from celery.app.trace import task_has_custom
 from celery.exceptions import Ignore, WorkerLostError
 from django.db import DatabaseError, InterfaceError, close_old_connections, transaction
 
-from . import dbthread
+from . import completions, dbthread
 from .conf import settings
 from .durability import relax_connection
+from .gate import CLAIMED_AT_KEY, TOKEN_KEY, gate_for
 from .heartbeat import WorkerIdentity, identity_for, in_worker_process
 from .querysets import Delivery
 
@@ -261,16 +262,26 @@ def recorder_for(identity: WorkerIdentity) -> Recorder:
     return recorder
 
 
+def request_is_tracked(request: Request) -> bool:
+    return is_tracked(request.name, (request.delivery_info or {}).get("routing_key"))
+
+
 def on_task_received(sender: Any = None, request: Request | None = None, **_: Any) -> None:
-    if request is None:
-        return
-    queue = (request.delivery_info or {}).get("routing_key")
-    if not is_tracked(request.name, queue):
+    if request is None or not request_is_tracked(request):
         return
     identity = identity_for(getattr(sender, "hostname", None) or request.hostname)
     if identity is None:
         return
+    if gate_for(identity) is not None and not request.eta and not _rate_limited(request, sender):
+        return  # goes to the gate at once, which records and claims it in one write
     recorder_for(identity).add(delivery_from_request(request))
+
+
+def _rate_limited(request: Request, consumer: Any) -> bool:
+    """Will Celery hold this request back for its task's rate limit?"""
+    return bool(getattr(request.task, "rate_limit", None)) and not getattr(
+        consumer, "disable_rate_limits", False
+    )
 
 
 def on_task_revoked(sender: Task | None = None, request: Any = None, **_: Any) -> None:
@@ -313,7 +324,9 @@ def claim_before_start(task: Task, task_id: str, args: Any, kwargs: Any) -> None
     if not request.called_directly and is_tracked(task.name, queue):
         identity = identity_for(request.hostname)
         if identity is not None:
-            token = _claim(task, task_id, queue, identity)
+            token = _token_from_gate(task, task_id, identity)
+            if token is _NO_GATE:
+                token = _claim(task, task_id, queue, identity)
             if token is None:
                 logger.info(
                     "worker_health: skipping duplicate delivery of %s[%s]",
@@ -325,6 +338,47 @@ def claim_before_start(task: Task, task_id: str, args: Any, kwargs: Any) -> None
                 raise Ignore()
     if original is not None:
         original(task, task_id, args, kwargs)
+
+
+_NO_GATE = -2
+
+
+def _token_from_gate(task: Task, task_id: str, identity: WorkerIdentity) -> int | None:
+    """The token the worker's gate claimed this run with (no database round trip), or
+    ``_NO_GATE`` when the run came by another way and must claim for itself.
+
+    A run that waited in the pool's queue for longer than a heartbeat interval confirms
+    first that its claim still holds: its worker may have been paused and declared failed
+    meanwhile, and the task reclaimed (the run then claims again, or is a duplicate).
+    """
+    token = getattr(task.request, TOKEN_KEY, None)
+    if not isinstance(token, int):
+        return _NO_GATE
+    if token < 0:
+        return token  # the gate could not reach the database: untracked
+    claimed_at = getattr(task.request, CLAIMED_AT_KEY, None)
+    waited = time.monotonic() - claimed_at if isinstance(claimed_at, float) else float("inf")
+    if waited > min(settings.HEARTBEAT_INTERVAL, settings.STALE_AFTER / 2):
+        from .models import TaskQueue
+
+        if identity.pk is None:
+            return _NO_GATE
+        pk = identity.pk
+        try:
+            still_ours = dbthread.call(
+                lambda: TaskQueue.objects.confirm_claim(task_id, token, pk, identity.incarnation)
+            )
+        except Exception:
+            logger.warning(
+                "worker_health: could not confirm the claim of %s; running it",
+                task_id,
+                exc_info=True,
+            )
+            still_ours = True
+        if not still_ours:
+            return _NO_GATE
+    _tokens[task_id] = token
+    return token
 
 
 def _claim(task: Task, task_id: str, queue: str, identity: WorkerIdentity) -> int | None:
@@ -390,43 +444,20 @@ def on_task_postrun(
     status = FINAL_STATUS.get(state or "", "failed")
     request = sender.request if sender is not None else None
     identity = identity_for(getattr(request, "hostname", None))
-    from .models import EventKind, TaskQueue, event
-    from .signals import stale_completion
-
-    def finish() -> bool:
-        if TaskQueue.objects.finish(task_id, token, status):
-            return True
-        event(
-            EventKind.STALE_COMPLETION,
-            worker_name=identity.worker_id if identity else "",
+    completions.add(
+        completions.Completion(
             task_id=task_id,
             token=token,
-            state=state,
-        )
-        return False
-
-    try:
-        accepted = dbthread.call(finish)
-    except Exception:
-        logger.exception("worker_health: could not record the end of %s", task_id)
-        return
-    if not accepted:
-        logger.warning(
-            "worker_health: stale completion of %s (token %s) ignored: the task was reclaimed "
-            "while this run was cut off",
-            task_id,
-            token,
-            extra={"task_id": task_id, "token": token},
-        )
-        from .models import TaskQueue as _TaskQueue
-
-        stale_completion.send_robust(
-            sender=_TaskQueue,
-            task_id=task_id,
+            status=status,
+            state=state or "",
             worker_id=identity.worker_id if identity else "",
-            token=token,
-            state=state,
         )
+    )
+
+
+def on_worker_process_shutdown(**_: Any) -> None:
+    """A pool process exits: write the completions it still holds."""
+    completions.flush(timeout=10.0)
 
 
 # --------------------------------------------------------------------------------------------
