@@ -618,3 +618,150 @@ def test_a_publish_reopens_a_finished_task_as_a_new_run() -> None:
     reopened = TaskQueue.objects.get(task_id="done")
     assert reopened.reclaim_count == 0 and reopened.finished_at is None
     assert reopened.fencing_token == 2  # tokens keep increasing across runs
+
+
+# --------------------------------------------------------------------------------------------
+# claim_received / confirm_claim / finish_many (the gate and completions)
+
+
+def claim_received(alias: str, worker: WorkerRegistry, *task_ids: str) -> dict[str, int | None]:
+    return TaskQueue.objects.using(alias).claim_received(
+        [delivery(t, body=f"body-{t}".encode()) for t in task_ids],
+        worker_pk=worker.pk,
+        incarnation=worker.incarnation,
+    )
+
+
+def test_claim_received_stores_unknown_tasks_claimed_with_their_message(alias: str) -> None:
+    worker = make_worker(alias)
+    assert claim_received(alias, worker, "a", "b") == {"a": 1, "b": 1}
+    rows = TaskQueue.objects.using(alias).order_by("task_id")
+    assert [(r.task_id, r.status, r.claimed_by_id, r.fencing_token) for r in rows] == [
+        ("a", "claimed", worker.pk, 1),
+        ("b", "claimed", worker.pk, 1),
+    ]
+    first = rows[0]
+    assert bytes(first.body) == b"body-a"
+    assert first.claimed_incarnation == worker.incarnation
+    assert first.claimed_at is not None
+    assert first.headers == {"id": "a", "task": "demo.tasks.work"}
+    assert first.properties == {"correlation_id": "a", "delivery_mode": 2}
+
+
+@pytest.mark.parametrize("status", ["queued", "reserved", "reclaiming"])
+def test_claim_received_takes_a_claimable_row_with_a_new_token(alias: str, status: str) -> None:
+    worker = make_worker(alias)
+    make_task(alias, "t1", status=status, fencing_token=4, reclaim_lease=uuid.uuid4(), body=None)
+    assert claim_received(alias, worker, "t1") == {"t1": 5}
+    task = TaskQueue.objects.using(alias).get(task_id="t1")
+    assert (task.status, task.claimed_by_id, task.fencing_token) == ("claimed", worker.pk, 5)
+    assert task.reclaim_lease is None
+    assert bytes(task.body) == b"body-t1"  # the publisher's row gets the message
+
+
+def test_claim_received_refuses_what_may_not_run(alias: str) -> None:
+    holder = make_worker(alias, "holder@host")
+    other = make_worker(alias, "other@host")
+    claimed_task(alias, "running", holder)
+    make_task(alias, "done", status="succeeded", fencing_token=3)
+    tokens = claim_received(alias, other, "running", "done", "new")
+    assert tokens == {"running": None, "done": None, "new": 1}
+    qs = TaskQueue.objects.using(alias)
+    running = qs.get(task_id="running")
+    assert (running.claimed_by_id, running.fencing_token) == (holder.pk, 1)
+    done = qs.get(task_id="done")
+    assert (done.status, done.fencing_token, done.claimed_by_id) == ("succeeded", 3, None)
+    # a redelivery to the holder itself is refused too
+    assert claim_received(alias, holder, "running") == {"running": None}
+
+
+def test_claim_received_takes_over_from_a_failed_or_replaced_holder(alias: str) -> None:
+    dead = make_worker(alias, "dead@host")
+    live = make_worker(alias, "live@host")
+    assert claim_received(alias, dead, "t1", "t2") == {"t1": 1, "t2": 1}
+    WorkerRegistry.objects.using(alias).filter(pk=dead.pk).update(status="failed")
+    assert claim_received(alias, live, "t1") == {"t1": 2}
+    restarted = (
+        WorkerRegistry.objects.using(alias)
+        .register("dead@host", incarnation=uuid.uuid4(), metadata={})
+        .worker
+    )
+    assert claim_received(alias, restarted, "t2") == {"t2": 2}
+
+
+def test_claim_received_of_a_batch_is_one_statement_on_postgresql(alias: str) -> None:
+    if connections[alias].vendor != "postgresql":
+        pytest.skip("one statement per batch is the PostgreSQL path")
+    worker = make_worker(alias)
+    make_task(alias, "t1", status="queued")
+    with CaptureQueriesContext(connections[alias]) as ctx:
+        claim_received(alias, worker, *[f"t{i}" for i in range(1, 9)])
+    assert len(ctx.captured_queries) == 1, ctx.captured_queries
+
+
+def test_confirm_claim_only_for_the_current_claim(alias: str) -> None:
+    worker = make_worker(alias, "w1@host")
+    other = make_worker(alias, "w2@host")
+    assert claim_received(alias, worker, "t1") == {"t1": 1}
+    qs = TaskQueue.objects.using(alias)
+    assert qs.confirm_claim("t1", 1, worker.pk, worker.incarnation) is True
+    assert qs.confirm_claim("t1", 2, worker.pk, worker.incarnation) is False
+    assert qs.confirm_claim("t1", 1, other.pk, other.incarnation) is False
+    WorkerRegistry.objects.using(alias).filter(pk=worker.pk).update(status="failed")
+    assert claim_received(alias, other, "t1") == {"t1": 2}  # reclaimed meanwhile
+    assert qs.confirm_claim("t1", 1, worker.pk, worker.incarnation) is False
+
+
+def test_finish_many_accepts_only_current_tokens(alias: str) -> None:
+    dead = make_worker(alias, "dead@host")
+    live = make_worker(alias, "live@host")
+    claim_received(alias, dead, "cut", "done", "failed")
+    WorkerRegistry.objects.using(alias).filter(pk=dead.pk).update(status="failed")
+    assert claim_received(alias, live, "cut") == {"cut": 2}
+    qs = TaskQueue.objects.using(alias)
+    accepted = qs.finish_many(
+        [("cut", 1, "succeeded"), ("done", 1, "succeeded"), ("failed", 1, "failed")]
+    )
+    assert accepted == {("done", 1), ("failed", 1)}
+    statuses = dict(qs.values_list("task_id", "status"))
+    assert statuses == {"cut": "claimed", "done": "succeeded", "failed": "failed"}
+    assert qs.get(task_id="done").finished_at is not None
+    assert qs.finish_many([("done", 1, "failed")]) == set()  # finished once only
+    assert qs.finish_many([]) == set()
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed"])
+def test_record_published_reopens_a_finished_row_but_not_a_revoked_one(
+    alias: str, status: str
+) -> None:
+    worker = make_worker(alias)
+    claimed_task(alias, "t1", worker)
+    qs = TaskQueue.objects.using(alias)
+    qs.filter(task_id="t1").update(status=status, finished_at=timezone.now(), reclaim_count=2)
+    make_task(alias, "gone", status="revoked")
+    qs.record_published(task_id="t1", task_name="x", queue="q", eta=None, expires=None)
+    qs.record_published(task_id="gone", task_name="x", queue="q", eta=None, expires=None)
+    task = qs.get(task_id="t1")
+    assert (task.status, task.claimed_by_id, task.finished_at, task.reclaim_count) == (
+        "queued",
+        None,
+        None,
+        0,
+    )
+    assert qs.get(task_id="gone").status == "revoked"
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_record_published_relaxes_only_its_own_commit(alias: str) -> None:
+    if connections[alias].vendor != "postgresql":
+        pytest.skip("synchronous_commit is PostgreSQL's")
+    conn = connections[alias]
+    with CaptureQueriesContext(conn) as ctx:
+        TaskQueue.objects.using(alias).record_published(
+            task_id="t1", task_name="a.b", queue="q", eta=None, expires=None
+        )
+    assert len(ctx.captured_queries) == 1  # one round trip on the publisher's path
+    assert "set_config('synchronous_commit', 'off', true)" in ctx.captured_queries[0]["sql"]
+    with conn.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"  # nothing leaks past the statement

@@ -5,6 +5,7 @@
 conditional on the run's fencing token, so a completion that arrives late (its run was
 reclaimed meanwhile) changes nothing and is recorded as a stale completion.
 
+Completions that arrive within ``LINGER`` (10 ms) of each other are written together.
 A completion that cannot be written (the database is down) stays queued and is tried
 again with back-off; the heartbeat's audit of lost runs gives a completion two heartbeats
 to land before it reclaims anything (:meth:`heartbeat.Heart._audit_claims`). The queue is
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from django.db import DatabaseError, InterfaceError
@@ -26,6 +28,8 @@ logger = logging.getLogger("worker_health")
 
 RETRY_FIRST = 0.2
 RETRY_MAX = 5.0
+#: how long the database thread lets completions gather before writing them together
+LINGER = 0.01
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def flush(timeout: float | None = None) -> None:
         if not _pending:
             return
     try:
-        dbthread.call(_write_pending, timeout=timeout)
+        dbthread.call(lambda: _write_pending(linger=0.0), timeout=timeout)
     except Exception:
         logger.warning(
             "worker_health: %d completion(s) could not be written before exit",
@@ -87,8 +91,9 @@ def flush(timeout: float | None = None) -> None:
         )
 
 
-def _write_pending() -> None:
+def _write_pending(linger: float | None = None) -> None:
     global _scheduled, _retry
+    time.sleep(LINGER if linger is None else linger)
     with _lock:
         batch = list(_pending)
         _pending.clear()

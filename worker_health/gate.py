@@ -52,6 +52,8 @@ UNTRACKED = -1
 GATED_POOLS = ("celery.concurrency.prefork", "celery.concurrency.thread")
 
 BATCH_SIZE = 500
+#: how long the gate's thread lets received requests gather before claiming them together
+LINGER = 0.001
 
 
 def pool_is_gated(pool: Any) -> bool:
@@ -157,6 +159,8 @@ class Gate:
             while True:
                 self._wake.wait()
                 self._wake.clear()
+                if not self._stopped:
+                    time.sleep(LINGER)
                 while self._pending:
                     self._claim_batch()
                 if self._stopped and not self._pending:
