@@ -101,3 +101,18 @@ def test_a_completion_that_cannot_be_written_is_kept_and_retried(
     dbthread.call(lambda: None)
     assert calls == [1, 1]
     assert TaskQueue.objects.get(task_id="t1").status == "succeeded"
+
+
+def test_an_untracked_run_finishes_its_row_unless_someone_claimed_it() -> None:
+    from tests.factories import make_task
+
+    worker = make_worker("default")
+    make_task("default", "lone", status="queued")
+    make_task("default", "taken", status="queued")
+    claim(worker, "taken")
+    completions.add(done("lone", -1))
+    completions.add(done("taken", -1, "failed"))
+    completions.flush(timeout=10)
+    statuses = dict(TaskQueue.objects.values_list("task_id", "status"))
+    assert statuses == {"lone": "succeeded", "taken": "claimed"}
+    assert not WorkerEvent.objects.filter(kind=EventKind.STALE_COMPLETION).exists()

@@ -5,6 +5,9 @@
 conditional on the run's fencing token, so a completion that arrives late (its run was
 reclaimed meanwhile) changes nothing and is recorded as a stale completion.
 
+A run that could not be claimed (the database was down when it started) is untracked: its
+completion finishes the row only if nobody claimed it meanwhile.
+
 Completions that arrive within ``LINGER`` (10 ms) of each other are written together.
 A completion that cannot be written (the database is down) stays queued and is tried
 again with back-off; the heartbeat's audit of lost runs gives a completion two heartbeats
@@ -102,8 +105,13 @@ def _write_pending(linger: float | None = None) -> None:
         return
     from .models import TaskQueue
 
+    tracked = [c for c in batch if c.token >= 0]
     try:
-        accepted = TaskQueue.objects.finish_many([(c.task_id, c.token, c.status) for c in batch])
+        accepted = TaskQueue.objects.finish_many([(c.task_id, c.token, c.status) for c in tracked])
+        for status in {c.status for c in batch if c.token < 0}:
+            TaskQueue.objects.finish_untracked(
+                [c.task_id for c in batch if c.token < 0 and c.status == status], status
+            )
     except (DatabaseError, InterfaceError) as exc:
         dbthread.drop_connections()  # reconnect on the next try
         with _lock:
@@ -123,7 +131,7 @@ def _write_pending(linger: float | None = None) -> None:
             timer.start()
         return
     _retry = RETRY_FIRST
-    for completion in batch:
+    for completion in tracked:
         if (completion.task_id, completion.token) not in accepted:
             _stale(completion)
 

@@ -19,9 +19,9 @@ class WorkerStatus(models.TextChoices):
 
 class TaskStatus(models.TextChoices):
     QUEUED = "queued", _("queued")
-    #: received by a worker (prefetched, or waiting for its ETA), not started yet
+    #: received by a worker and waiting there (for its ETA or a rate limit)
     RESERVED = "reserved", _("reserved")
-    #: running on the worker named by ``claimed_by``
+    #: the worker named by ``claimed_by`` is running it, or has it next in its pool's queue
     CLAIMED = "claimed", _("claimed")
     #: taken from a dead worker; the re-publish is in flight (an outbox state)
     RECLAIMING = "reclaiming", _("reclaiming")

@@ -452,6 +452,13 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
                 return {(task_id, int(token)) for task_id, token in cursor.fetchall()}
         return {(run[0], run[1]) for run in runs if self.finish(*run)}
 
+    def finish_untracked(self, task_ids: Sequence[str], status: str) -> int:
+        """Runs that started untracked (no claim: the database was down) ended: their rows
+        are finished unless a worker claimed them meanwhile."""
+        return self.filter(task_id__in=list(task_ids), status__in=("queued", "reserved")).update(
+            status=status, finished_at=Now(), updated_at=Now()
+        )
+
     def claim(
         self,
         *,

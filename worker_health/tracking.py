@@ -355,7 +355,8 @@ def _token_from_gate(task: Task, task_id: str, identity: WorkerIdentity) -> int 
     if not isinstance(token, int):
         return _NO_GATE
     if token < 0:
-        return token  # the gate could not reach the database: untracked
+        _tokens[task_id] = token  # the gate could not reach the database: untracked
+        return token
     claimed_at = getattr(task.request, CLAIMED_AT_KEY, None)
     waited = time.monotonic() - claimed_at if isinstance(claimed_at, float) else float("inf")
     if waited > min(settings.HEARTBEAT_INTERVAL, settings.STALE_AFTER / 2):
@@ -409,8 +410,8 @@ def _claim(task: Task, task_id: str, queue: str, identity: WorkerIdentity) -> in
             "worker_health: could not claim %s; running it untracked", task_id, exc_info=True
         )
         return -1
-    if token is not None and token >= 0:
-        _tokens[task_id] = token
+    if token is not None:
+        _tokens[task_id] = token  # -1: untracked (see completions)
     return token
 
 

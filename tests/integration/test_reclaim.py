@@ -40,14 +40,15 @@ def events(stack: Stack):  # type: ignore[no-untyped-def]
 
 
 def wait_held(stack: Stack, node: str, running: int = 1, reserved: int = 1) -> None:
-    def held() -> bool:
-        qs = tasks(stack).filter(claimed_by__worker_id=node)
-        return (
-            qs.filter(status="claimed").count() >= running
-            and qs.filter(status="reserved").count() >= reserved
-        )
+    """Wait until ``node`` holds ``running + reserved`` tasks: with ``running`` its
+    concurrency, the rest were received and are waiting (claimed by the gate and queued for
+    the pool, or reserved for an ETA)."""
 
-    wait_for(held, 60, what=f"{node} to hold {running} running and {reserved} reserved tasks")
+    def held() -> bool:
+        qs = tasks(stack).filter(claimed_by__worker_id=node, status__in=("claimed", "reserved"))
+        return qs.count() >= running + reserved
+
+    wait_for(held, 60, what=f"{node} to hold {running} running and {reserved} waiting tasks")
 
 
 def assert_each_ran_once(stack: Stack, ids: list[str], timeout: float) -> None:

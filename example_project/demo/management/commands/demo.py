@@ -385,7 +385,7 @@ class Command(BaseCommand):
         )
         lines = [
             f"  {'worker':<28} {'status':<9} {'heartbeat':>10} {'processed':>10} "
-            f"{'running':>8} {'waiting':>8}"
+            f"{'claimed':>8} {'ETA':>8}"
         ]
         key: list[Any] = []
         for node in run.nodes:
@@ -640,8 +640,9 @@ class Command(BaseCommand):
             Check(
                 "the tasks it held ran on the survivors",
                 bool(reclaimed) and not not_recovered,
-                f"{len(held)} held ({held_counts['claimed']} running, "
-                f"{held_counts['reserved']} waiting), {len(reclaimed)} reclaimed"
+                f"{len(held)} held ({held_counts['claimed']} claimed: running or next in "
+                f"its pool, {held_counts['reserved']} waiting for an ETA), "
+                f"{len(reclaimed)} reclaimed"
                 + (f", {len(by_broker)} redelivered by the broker" if by_broker else "")
                 + f"; ran on {', '.join(f'{w} x{n}' for w, n in sorted(ran_on.items()))}"
                 + (
