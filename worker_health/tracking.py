@@ -2,19 +2,22 @@
 
 Where each write happens, and why:
 
-* **publish** (``before_task_publish``, in the publisher): one ``INSERT .. ON CONFLICT DO
-  NOTHING`` of the task's name and queue, deferred to the commit of the publisher's
-  transaction so a rolled-back request leaves nothing behind. The payload is not touched.
-* **receive** (``task_received``, worker main process): the delivered message is queued in
-  memory and written in batches by a background thread (no database work on Celery's event
-  loop): the raw body, headers and routing, and that this worker holds the task.
-* **claim** (``before_start``, just before user code, in the pool process): a conditional
-  UPDATE that gives the run a new fencing token. A delivery that may not run (finished, or
-  running on a live worker) is skipped with ``Ignore``.
-* **finish** (``task_postrun``): accepted only with the current token; a late result from a
-  run that was reclaimed is recorded as a stale completion and changes nothing.
+* **publish** (``before_task_publish``, in the publisher): one ``INSERT .. ON CONFLICT`` of
+  the task's name and queue, deferred to the commit of the publisher's transaction so a
+  rolled-back request leaves nothing behind. The payload is not touched.
+* **receive and claim** (worker main process): the claim gate (:mod:`.gate`) writes the
+  delivered message, the hold and a new fencing token for a batch of requests in one
+  statement before passing them to the pool. Requests that wait first (an ETA, a rate
+  limit) are recorded as ``reserved`` at receipt by a background thread (the ``Recorder``).
+* **start** (``before_start``, just before user code, in the pool process): the token came
+  with the request; without a gate (``solo`` and green pools) the pool process claims with a
+  conditional UPDATE. A delivery that may not run (finished, or running on a live worker) is
+  skipped with ``Ignore``.
+* **finish** (``task_postrun``): queued for :mod:`.completions`, written behind the task,
+  accepted only with the current token; a late result from a run that was reclaimed is
+  recorded as a stale completion and changes nothing.
 
-Database work in worker processes runs on a per-process thread (:mod:`.dbthread`) whose
+Database work in pool processes runs on a per-process thread (:mod:`.dbthread`) whose
 connection persists, since Celery closes the task thread's connections around every task.
 """
 
