@@ -211,3 +211,28 @@ def test_only_pools_that_run_tasks_elsewhere_are_gated() -> None:
     assert pool_is_gated(get_implementation("prefork").__new__(get_implementation("prefork")))
     assert pool_is_gated(get_implementation("threads").__new__(get_implementation("threads")))
     assert not pool_is_gated(get_implementation("solo").__new__(get_implementation("solo")))
+
+
+def test_dropping_a_duplicate_keeps_the_run_it_duplicates_in_the_worker_state(
+    gate: Gate, pool: Pool
+) -> None:
+    # The original delivery runs here; a second copy (a broker's redelivery, our own
+    # re-publish) arrives and is dropped: Celery's state must still know the first one,
+    # or the heartbeat's audit would take the running task for lost.
+    first, copy = FakeRequest("t1"), FakeRequest("t1")
+    state.task_reserved(first)  # type: ignore[arg-type]
+    try:
+        gate(first)  # type: ignore[arg-type]
+        pool.wait_for(1)
+        state.task_reserved(copy)  # type: ignore[arg-type]  (replaces state.requests["t1"])
+        gate(copy)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while not copy.acked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert copy.acked
+        assert state.requests.get("t1") is first
+        assert first in state.reserved_requests and copy not in state.reserved_requests
+    finally:
+        state.requests.pop("t1", None)
+        state.reserved_requests.discard(first)  # type: ignore[arg-type]
+        state.reserved_requests.discard(copy)  # type: ignore[arg-type]

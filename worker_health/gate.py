@@ -132,8 +132,6 @@ class Gate:
         self.process_task(req)
 
     def _drop_duplicate(self, req: Request) -> None:
-        from celery.worker.state import task_ready
-
         from .models import EventKind, event
         from .tracking import recorder_for
 
@@ -146,7 +144,7 @@ class Gate:
         try:
             req.acknowledge()
         finally:
-            task_ready(req)
+            _forget(req)
         worker_id, task_id = self.identity.worker_id, req.id
         recorder_for(self.identity).add(
             lambda: event(EventKind.DUPLICATE_DELIVERY, worker_name=worker_id, task_id=task_id)
@@ -267,6 +265,28 @@ class Gate:
             with contextlib.suppress(Exception):  # the loop is gone already
                 self._hub.remove_reader(self._pipe[0])
         return list(self.held)
+
+
+def _forget(req: Request) -> None:
+    """Remove a dropped duplicate from Celery's worker state, and only it.
+
+    ``state.requests`` is keyed by task id: the duplicate's ``task_reserved`` replaced the
+    entry of the run it duplicates (which may be running here); put that one back.
+    """
+    from celery.worker import state
+
+    state.reserved_requests.discard(req)
+    state.active_requests.discard(req)
+    if state.requests.get(req.id) is req:
+        same = [
+            r
+            for r in (*state.active_requests, *state.reserved_requests)
+            if r.id == req.id and r is not req
+        ]
+        if same:
+            state.requests[req.id] = same[0]
+        else:
+            del state.requests[req.id]
 
 
 _gates: dict[str, Gate] = {}

@@ -324,7 +324,12 @@ class Heart:
             # completions.py), so a run that just ended may still be ``claimed`` for a
             # moment after it left the worker's memory; and a completion that could not be
             # written (database down) is retried meanwhile.
-            missing = claimed - set(list(state.requests))
+            in_memory = {
+                *list(state.requests),
+                *(r.id for r in list(state.active_requests)),
+                *(r.id for r in list(state.reserved_requests)),
+            }
+            missing = claimed - in_memory
             now = time.monotonic()
             lost = {t for t in missing if now - self._missing_since.get(t, now) >= grace}
             self._missing_since = {t: self._missing_since.get(t, now) for t in missing - lost}

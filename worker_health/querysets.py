@@ -378,8 +378,11 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         if connections[self.db].vendor == "postgresql":
             return self._claim_received_pg(deliveries, worker_pk, incarnation)
         tokens: dict[str, int | None] = {}
-        with transaction.atomic(using=self.db):  # SQLite: one lock, one sync for the batch
+        # The receipts first, in their own transaction (durable as soon as possible: on a
+        # transport that drops a message once read, they are all that is left of it).
+        with transaction.atomic(using=self.db):
             self.reserve(deliveries, worker_pk, incarnation)
+        with transaction.atomic(using=self.db):  # SQLite: one lock, one sync for the batch
             for d in deliveries:
                 tokens[d.task_id] = self.claim(
                     task_id=d.task_id,

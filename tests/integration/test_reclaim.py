@@ -70,7 +70,8 @@ def assert_each_ran_once(stack: Stack, ids: list[str], timeout: float) -> None:
 def test_sigkill_running_and_prefetched_tasks_run_exactly_once(stack: Stack) -> None:
     victim = stack.worker("victim", concurrency=2)
     ids = stack.publish("work", 16, kwargs={"seconds": 2.5})
-    wait_held(stack, stack.node("victim"), running=2, reserved=1)
+    # its whole prefetch window (2 processes x prefetch multiplier 4) recorded as held
+    wait_held(stack, stack.node("victim"), running=2, reserved=6)
     survivor = stack.worker("survivor", concurrency=2, pool="threads")
     held = dict(
         tasks(stack)
@@ -216,7 +217,7 @@ def test_three_detectors_publish_each_task_once(stack: Stack) -> None:
     stack.settings.update(WORKER_HEALTH_STALE_AFTER="6", WORKER_HEALTH_CHECK_INTERVAL="1")
     victim = stack.worker("held", concurrency=2)
     ids = stack.publish("work", 8, kwargs={"seconds": 5})
-    wait_held(stack, stack.node("held"), running=2, reserved=1)
+    wait_held(stack, stack.node("held"), running=2, reserved=6)  # all 8 received and held
     held = tasks(stack).filter(status__in=("claimed", "reserved")).count()
     victim.kill_group()
     # Nobody sweeps now (no live worker, no beat). The outage guard does not trust a pause in
