@@ -24,9 +24,9 @@ _tuned = threading.local()
 
 def relax_connection(using: str = "default") -> None:
     """For a connection that only worker_health uses (its own threads): commit without
-    waiting for the WAL flush, unless the user asked for synchronous commits."""
-    if settings.SYNCHRONOUS_COMMIT:
-        return
+    waiting for the WAL flush, unless the user asked for synchronous commits; and plan the
+    hot-path prepared statements once (``plan_cache_mode``: their generic plans are
+    index lookups by task id, and planning them anew would cost more than running them)."""
     conn = connections[using]
     if conn.vendor != "postgresql":
         return
@@ -35,7 +35,9 @@ def relax_connection(using: str = "default") -> None:
     if getattr(_tuned, using, None) is raw:
         return
     with conn.cursor() as cursor:
-        cursor.execute("SET synchronous_commit TO OFF")
+        cursor.execute("SET plan_cache_mode TO force_generic_plan")
+        if not settings.SYNCHRONOUS_COMMIT:
+            cursor.execute("SET synchronous_commit TO OFF")
     setattr(_tuned, using, raw)
 
 

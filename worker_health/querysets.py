@@ -8,6 +8,7 @@ says who won.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -191,8 +192,10 @@ INSERT INTO task_queue AS t (task_id, task_name, status, queue, exchange, routin
 SELECT v.task_id, v.task_name, 'claimed', v.queue, v.exchange, v.routing_key, v.body,
     v.content_type, v.content_encoding, v.headers, v.properties, v.eta, v.expires,
     w.worker, w.inc, now(), 1, 0, 0, '[]'::jsonb, now(), now()
-FROM (VALUES {values}) AS v(task_id, task_name, queue, exchange, routing_key, body,
-    content_type, content_encoding, headers, properties, eta, expires)
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[],
+    %s::text[], %s::text[], %s::jsonb[], %s::jsonb[], %s::timestamptz[], %s::timestamptz[])
+    AS v(task_id, task_name, queue, exchange, routing_key, body, content_type,
+    content_encoding, headers, properties, eta, expires)
 CROSS JOIN (SELECT %s::bigint AS worker, %s::uuid AS inc) AS w
 ON CONFLICT (task_id) DO UPDATE SET
     task_name = EXCLUDED.task_name, queue = EXCLUDED.queue, exchange = EXCLUDED.exchange,
@@ -224,13 +227,43 @@ ON CONFLICT (task_id) DO UPDATE SET status = 'queued', claimed_by_id = NULL,
 WHERE t.status IN ('succeeded', 'failed')
 """
 
-#: the end of a batch of runs, each conditional on its fencing token
+#: the end of a batch of runs, each conditional on its fencing token. (``IS TRUE`` keeps the
+#: status out of the index conditions: the generic plan must look rows up by task id, not
+#: scan the claimed ones.)
 FINISH_MANY_SQL = """
 UPDATE task_queue AS t SET status = v.status, finished_at = now(), updated_at = now()
-FROM (VALUES {values}) AS v(task_id, token, status)
-WHERE t.task_id = v.task_id AND t.status = 'claimed' AND t.fencing_token = v.token
+FROM unnest(%s::text[], %s::integer[], %s::text[]) AS v(task_id, token, status)
+WHERE t.task_id = v.task_id AND t.fencing_token = v.token AND (t.status = 'claimed') IS TRUE
 RETURNING t.task_id, t.fencing_token
 """
+
+
+def _execute_prepared(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Run one of the hot-path statements above and fetch its rows.
+
+    Their text does not depend on the batch size (arrays, not VALUES lists), so with
+    psycopg 3 they run as server-side prepared statements: PostgreSQL parses and plans each
+    once per connection, and the parameters (message bodies included) travel in binary.
+    With psycopg2 they run through Django's cursor as any query.
+    """
+    conn = connections[using]
+    conn.ensure_connection()
+    raw = conn.connection
+    if hasattr(raw, "pipeline"):  # psycopg 3
+        started = time.monotonic()
+        with conn.wrap_database_errors, raw.cursor() as cursor:
+            # OPTIONS={"prepare_threshold": None} (e.g. behind PgBouncer in transaction
+            # mode) turns prepared statements off, here too.
+            cursor.execute(sql, params, prepare=raw.prepare_threshold is not None)
+            rows = list(cursor.fetchall())
+        if conn.queries_logged:  # as Django's debug cursor does (CaptureQueriesContext)
+            conn.queries_log.append(
+                {"sql": sql, "time": f"{time.monotonic() - started:.3f}", "params": "prepared"}
+            )
+        return rows
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
 
 
 def _holder_alive() -> Exists:
@@ -398,31 +431,31 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
     ) -> dict[str, int | None]:
         from .conf import settings
 
-        row = (
-            "(%s, %s, %s, %s, %s, %s::bytea, %s, %s, %s::jsonb, %s::jsonb, %s::timestamptz, "
-            "%s::timestamptz)"
-        )
-        params: list[Any] = []
+        columns: list[list[Any]] = [[] for _ in range(12)]
         for d in deliveries:
-            params += [
-                d.task_id,
-                d.task_name,
-                d.queue,
-                d.exchange,
-                d.routing_key,
-                d.body,
-                d.content_type,
-                d.content_encoding,
-                json.dumps(d.headers),
-                json.dumps(d.properties),
-                d.eta,
-                d.expires,
-            ]
-        params += [worker_pk, str(incarnation), settings.STALE_AFTER]
-        sql = CLAIM_RECEIVED_SQL.format(values=", ".join([row] * len(deliveries)))
-        with connections[self.db].cursor() as cursor:
-            cursor.execute(sql, params)
-            claimed = {task_id: int(token) for task_id, token in cursor.fetchall()}
+            for column, value in zip(
+                columns,
+                (
+                    d.task_id,
+                    d.task_name,
+                    d.queue,
+                    d.exchange,
+                    d.routing_key,
+                    d.body,
+                    d.content_type,
+                    d.content_encoding,
+                    json.dumps(d.headers),
+                    json.dumps(d.properties),
+                    d.eta,
+                    d.expires,
+                ),
+                strict=True,
+            ):
+                column.append(value)
+        rows = _execute_prepared(
+            self.db, CLAIM_RECEIVED_SQL, [*columns, worker_pk, incarnation, settings.STALE_AFTER]
+        )
+        claimed = {task_id: int(token) for task_id, token in rows}
         return {d.task_id: claimed.get(d.task_id) for d in deliveries}
 
     def confirm_claim(
@@ -447,12 +480,9 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         if not runs:
             return set()
         if connections[self.db].vendor == "postgresql":
-            row = "(%s, %s::integer, %s)"
-            params = [value for run in runs for value in run]
-            sql = FINISH_MANY_SQL.format(values=", ".join([row] * len(runs)))
-            with connections[self.db].cursor() as cursor:
-                cursor.execute(sql, params)
-                return {(task_id, int(token)) for task_id, token in cursor.fetchall()}
+            ids, tokens, statuses = (list(column) for column in zip(*runs, strict=True))
+            rows = _execute_prepared(self.db, FINISH_MANY_SQL, [ids, tokens, statuses])
+            return {(task_id, int(token)) for task_id, token in rows}
         return {(run[0], run[1]) for run in runs if self.finish(*run)}
 
     def finish_untracked(self, task_ids: Sequence[str], status: str) -> int:
