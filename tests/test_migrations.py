@@ -32,7 +32,8 @@ def test_named_indexes_exist(alias: str) -> None:
             "wh_task_held_idx",
             "wh_task_reclaiming_idx",
             "wh_task_finished_idx",
-            "wh_task_status_idx",
+            "wh_task_name_idx",
+            "wh_task_id_uniq",
         },
         "worker_health_event": {"wh_event_kind_idx", "wh_event_worker_idx"},
     }
@@ -41,3 +42,25 @@ def test_named_indexes_exist(alias: str) -> None:
         for table, names in expected.items():
             constraints = connection.introspection.get_constraints(cursor, table)
             assert names <= set(constraints), (table, sorted(constraints))
+
+
+@pytest.mark.django_db(databases="__all__")
+@pytest.mark.parametrize("alias", ALIASES)
+def test_task_queue_has_no_index_that_nothing_uses(alias: str) -> None:
+    """Every index is written on every status change of every task: only the named ones,
+    the primary key and the task id's uniqueness (no ``LIKE`` twins on PostgreSQL)."""
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, "task_queue")
+    indexes = {
+        name
+        for name, info in constraints.items()
+        if (info["index"] or info["unique"]) and not info["primary_key"]
+    }
+    assert indexes == {
+        "wh_task_held_idx",
+        "wh_task_reclaiming_idx",
+        "wh_task_finished_idx",
+        "wh_task_name_idx",
+        "wh_task_id_uniq",
+    }, sorted(indexes)

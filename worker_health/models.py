@@ -83,8 +83,10 @@ class WorkerRegistry(models.Model):
 class TaskQueue(models.Model):
     """One row per tracked task, with what is needed to publish its message again."""
 
-    task_id = models.CharField(max_length=255, unique=True)
-    task_name = models.CharField(max_length=255, db_index=True)
+    #: unique through ``wh_task_id_uniq`` (a constraint, not ``unique=True``: on PostgreSQL
+    #: that would add a second, ``LIKE`` index that every write pays for and nothing uses)
+    task_id = models.CharField(max_length=255)
+    task_name = models.CharField(max_length=255)
     status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
     queue = models.CharField(max_length=255, blank=True, default="")
     claimed_by = models.ForeignKey(
@@ -144,10 +146,12 @@ class TaskQueue(models.Model):
                 name="wh_task_reclaiming_idx",
                 condition=Q(status="reclaiming"),
             ),
-            # retention: finished rows by age
+            # retention: finished rows by age; and counts by status
             models.Index(fields=["status", "finished_at"], name="wh_task_finished_idx"),
-            models.Index(fields=["status", "updated_at"], name="wh_task_status_idx"),
+            # the admin's task name filter
+            models.Index(fields=["task_name"], name="wh_task_name_idx"),
         ]
+        constraints = [models.UniqueConstraint(fields=["task_id"], name="wh_task_id_uniq")]
         permissions = [
             # task arguments may hold personal data: shown only with this permission
             ("view_task_arguments", "Can view task arguments"),
