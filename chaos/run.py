@@ -35,20 +35,14 @@ SHORT = ["storm", "zombie", "db-outage", "busy", "detectors", "poison"]
 #: fails until it is removed (as pytest's ``xfail(strict=True)``). Not strict: the failure
 #: depends on timing.
 KNOWN_FAILURES: dict[str, tuple[str, bool]] = {
-    "db-outage": (
-        "K1: completions that cannot be written during a database outage are dropped, and "
-        "runs that could not be claimed are never recorded: the tasks run again",
-        True,
-    ),
+    # K1 (completions dropped during a database outage) and K3 (prefetched messages that
+    # Celery drops on a broker disconnect left held) were fixed: completions are queued and
+    # retried (worker_health/completions.py), and the heartbeat's audit no longer trusts
+    # Celery's ``state.requests``, which keeps the dropped requests (Consumer.on_close).
     "zombie": (
         "K2: a worker marked failed can still claim tasks until its next heartbeat; such a "
         "task runs on the zombie and again elsewhere",
         False,
-    ),
-    "broker-restart/redis": (
-        "K3: prefetched messages that Celery drops when the broker connection is lost stay "
-        "'reserved' by a live worker and are not reclaimed",
-        True,
     ),
 }
 FULL_AMQP = ["storm", "zombie", "broker-restart"]

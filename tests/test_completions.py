@@ -116,3 +116,30 @@ def test_an_untracked_run_finishes_its_row_unless_someone_claimed_it() -> None:
     statuses = dict(TaskQueue.objects.values_list("task_id", "status"))
     assert statuses == {"lone": "succeeded", "taken": "claimed"}
     assert not WorkerEvent.objects.filter(kind=EventKind.STALE_COMPLETION).exists()
+
+
+def test_completions_are_retried_when_even_connecting_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database down before the write starts (no connection at all): the queue must
+    not stall until the process exits."""
+    import time
+
+    worker = make_worker("default")
+    claim(worker, "t1")
+    attempts: list[int] = []
+
+    def relax_fails_once() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OperationalError("connection refused")
+
+    monkeypatch.setattr(completions, "relax_connection", relax_fails_once)
+    completions._retry = 0.05
+    completions.add(done("t1", 1))
+    deadline = time.monotonic() + 10
+    while completions.pending() or len(attempts) < 2:
+        assert time.monotonic() < deadline, "the completion was never retried"
+        time.sleep(0.02)
+    dbthread.call(lambda: None)
+    assert TaskQueue.objects.get(task_id="t1").status == "succeeded"

@@ -26,11 +26,14 @@ from dataclasses import dataclass
 from django.db import DatabaseError, InterfaceError
 
 from . import dbthread
+from .durability import relax_connection
 
 logger = logging.getLogger("worker_health")
 
 RETRY_FIRST = 0.2
-RETRY_MAX = 5.0
+#: at most this long between tries, so that completions land within a second of the
+#: database's return (before the heartbeat's audit looks a second time)
+RETRY_MAX = 1.0
 #: how long the database thread lets completions gather before writing them together
 LINGER = 0.01
 
@@ -71,7 +74,7 @@ def add(completion: Completion) -> None:
         if _scheduled:
             return
         _scheduled = True
-    dbthread.submit(_write_pending)
+    dbthread.submit_unguarded(_write_pending)
 
 
 def pending() -> list[Completion]:
@@ -85,7 +88,7 @@ def flush(timeout: float | None = None) -> None:
         if not _pending:
             return
     try:
-        dbthread.call(lambda: _write_pending(linger=0.0), timeout=timeout)
+        dbthread.submit_unguarded(lambda: _write_pending(linger=0.0)).result(timeout=timeout)
     except Exception:
         logger.warning(
             "worker_health: %d completion(s) could not be written before exit",
@@ -107,6 +110,7 @@ def _write_pending(linger: float | None = None) -> None:
 
     tracked = [c for c in batch if c.token >= 0]
     try:
+        relax_connection()
         accepted = TaskQueue.objects.finish_many([(c.task_id, c.token, c.status) for c in tracked])
         for status in {c.status for c in batch if c.token < 0}:
             TaskQueue.objects.finish_untracked(
@@ -133,11 +137,14 @@ def _write_pending(linger: float | None = None) -> None:
     _retry = RETRY_FIRST
     for completion in tracked:
         if (completion.task_id, completion.token) not in accepted:
-            _stale(completion)
+            try:
+                _stale(completion)
+            except Exception:  # the completion itself was handled: only its record is lost
+                logger.exception("worker_health: could not record a stale completion")
 
 
 def _retry_later() -> None:
-    dbthread.submit(_write_pending)
+    dbthread.submit_unguarded(_write_pending)
 
 
 def _stale(completion: Completion) -> None:

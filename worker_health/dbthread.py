@@ -70,6 +70,12 @@ def submit(fn: Callable[[], T]) -> Future[T]:
     return _executor_for_this_process().submit(_guarded, fn)
 
 
+def submit_unguarded(fn: Callable[[], T]) -> Future[T]:
+    """Run ``fn`` on this process's tracking thread as it is: ``fn`` handles database
+    errors (and reconnects) itself."""
+    return _executor_for_this_process().submit(fn)
+
+
 def call(fn: Callable[[], T], timeout: float | None = None) -> T:
     """Run ``fn`` on this process's tracking thread and wait for its result."""
     return submit(fn).result(timeout=timeout)

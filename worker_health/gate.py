@@ -250,6 +250,11 @@ class Gate:
             )
         return self.identity.pk
 
+    def in_flight(self) -> set[str]:
+        """Ids of the requests the gate holds now (waiting for their claim, or claimed and
+        not yet passed to the pool)."""
+        return {req.id for req in list(self._pending)} | set(list(self.held))
+
     # -- shutdown -----------------------------------------------------------------------
 
     def stop(self, timeout: float = 10.0) -> list[str]:

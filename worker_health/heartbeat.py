@@ -302,7 +302,7 @@ class Heart:
         ``task_failure``): claimed in the database, but no longer in the worker's memory."""
         from celery.worker import state
 
-        from . import reclaim
+        from . import completions, gate, reclaim
         from .models import TaskQueue
 
         ident = self.identity
@@ -324,14 +324,19 @@ class Heart:
             # completions.py), so a run that just ended may still be ``claimed`` for a
             # moment after it left the worker's memory; and a completion that could not be
             # written (database down) is retried meanwhile.
+            # Not ``state.requests``: Celery's Consumer.on_close (broker connection lost)
+            # clears the reserved requests (the pool drops the ones it had not started)
+            # but leaves them in ``requests``, where they would look alive forever.
+            gate_ = gate.gate_for(ident)
             in_memory = {
-                *list(state.requests),
                 *(r.id for r in list(state.active_requests)),
                 *(r.id for r in list(state.reserved_requests)),
+                *(gate_.in_flight() if gate_ is not None else ()),
             }
             missing = claimed - in_memory
             now = time.monotonic()
-            lost = {t for t in missing if now - self._missing_since.get(t, now) >= grace}
+            patience = max(grace, completions.RETRY_MAX + 2.0)
+            lost = {t for t in missing if now - self._missing_since.get(t, now) >= patience}
             self._missing_since = {t: self._missing_since.get(t, now) for t in missing - lost}
             if lost:
                 reclaim.reclaim(
