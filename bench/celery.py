@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from example_project.celery import app
 
-from . import probe, prototype
+from . import probe
 
 probe.connect()
-prototype.install()
 
 __all__ = ("app",)

@@ -56,11 +56,6 @@ from .common import (
 )
 
 VARIANTS = ("plain", "worker_health", "events", "results")
-#: worker_health with the proposed cheaper writes (bench/prototype.py), on request
-PROTOTYPES = {
-    "wh_proto": "claim,reserve,finish",
-    "wh_proto_async": "claim,reserve,finish,async",
-}
 REDIS_DB = 11
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -146,8 +141,7 @@ class Bench:
 
     def env(self, variant: str, queue: str, **extra: str) -> dict[str, str]:
         env = clean_env(
-            BENCH_VARIANT="worker_health" if variant in PROTOTYPES else variant,
-            BENCH_PROTOTYPE=PROTOTYPES.get(variant, ""),
+            BENCH_VARIANT=variant,
             DATABASE_URL=self.db.url,
             CELERY_BROKER_URL=self.broker,
             EXAMPLE_QUEUE=queue,
@@ -415,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-db", action="store_true")
     args = parser.parse_args(argv)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    unknown = set(variants) - set(VARIANTS) - set(PROTOTYPES)
+    unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
 
@@ -478,7 +472,7 @@ def profile(
         print(text, flush=True)
         out.append(text)
 
-    for variant in [v for v in ("plain", "worker_health", *PROTOTYPES) if v in variants]:
+    for variant in [v for v in ("plain", "worker_health") if v in variants]:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(profile_dir / variant)
         bench.run(variant, min(200, tasks))  # warm-up
