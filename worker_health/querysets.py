@@ -410,21 +410,38 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
             return {}
         if connections[self.db].vendor == "postgresql":
             return self._claim_received_pg(deliveries, worker_pk, incarnation)
-        tokens: dict[str, int | None] = {}
+        ids = [d.task_id for d in deliveries]
         # The receipts first, in their own transaction (durable as soon as possible: on a
         # transport that drops a message once read, they are all that is left of it).
         with transaction.atomic(using=self.db):
             self.reserve(deliveries, worker_pk, incarnation)
-        with transaction.atomic(using=self.db):  # SQLite: one lock, one sync for the batch
-            for d in deliveries:
-                tokens[d.task_id] = self.claim(
-                    task_id=d.task_id,
-                    task_name=d.task_name,
-                    queue=d.queue,
-                    worker_pk=worker_pk,
-                    incarnation=incarnation,
+        # Then the claims, three statements for the batch. The rows this UPDATE takes are
+        # marked with a lease of its own (visible to nobody: it is cleared before commit)
+        # to read their new tokens back.
+        marker = uuid.uuid4()
+        claimable = Q(status__in=("queued", "reserved", "reclaiming")) | (
+            Q(status="claimed") & ~_holder_alive()
+        )
+        with transaction.atomic(using=self.db):
+            self.filter(task_id__in=ids).filter(claimable).update(
+                status="claimed",
+                claimed_by=worker_pk,
+                claimed_incarnation=incarnation,
+                claimed_at=Now(),
+                fencing_token=F("fencing_token") + 1,
+                reclaim_lease=marker,
+                updated_at=Now(),
+            )
+            tokens = dict(
+                self.filter(task_id__in=ids, reclaim_lease=marker).values_list(
+                    "task_id", "fencing_token"
                 )
-        return tokens
+            )
+            if tokens:
+                self.filter(task_id__in=list(tokens), reclaim_lease=marker).update(
+                    reclaim_lease=None
+                )
+        return {task_id: tokens.get(task_id) for task_id in ids}
 
     def _claim_received_pg(
         self, deliveries: Sequence[Delivery], worker_pk: int, incarnation: uuid.UUID
