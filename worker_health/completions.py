@@ -8,7 +8,7 @@ reclaimed meanwhile) changes nothing and is recorded as a stale completion.
 A run that could not be claimed (the database was down when it started) is untracked: its
 completion finishes the row only if nobody claimed it meanwhile.
 
-Completions that arrive within ``LINGER`` (10 ms) of each other are written together.
+Completions that queue up while a write is in flight are written together.
 A completion that cannot be written (the database is down) stays queued and is tried
 again with back-off; the heartbeat's audit of lost runs gives a completion two heartbeats
 to land before it reclaims anything (:meth:`heartbeat.Heart._audit_claims`). The queue is
@@ -34,8 +34,11 @@ RETRY_FIRST = 0.2
 #: at most this long between tries, so that completions land within a second of the
 #: database's return (before the heartbeat's audit looks a second time)
 RETRY_MAX = 1.0
-#: how long the database thread lets completions gather before writing them together
-LINGER = 0.01
+#: how long the database thread lets completions gather before writing them together. None:
+#: a completion not yet written when its worker is SIGKILLed makes its task run again, and a
+#: wait would widen that window; completions still batch whenever they queue up behind a
+#: write in flight.
+LINGER = 0.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,9 @@ def flush(timeout: float | None = None) -> None:
 
 def _write_pending(linger: float | None = None) -> None:
     global _scheduled, _retry
-    time.sleep(LINGER if linger is None else linger)
+    wait = LINGER if linger is None else linger
+    if wait > 0:
+        time.sleep(wait)
     with _lock:
         batch = list(_pending)
         _pending.clear()
