@@ -27,6 +27,9 @@ from worker_health.querysets import db_now_minus
 
 pytestmark = pytest.mark.django_db(databases="__all__")
 
+#: the PostgreSQL alias alone (skipped, with the reason, without WORKER_HEALTH_TEST_DATABASE_URL)
+POSTGRES_ONLY = [param for param in ALIASES if param.id == "postgres"]
+
 
 @pytest.fixture(params=ALIASES)
 def alias(request: pytest.FixtureRequest) -> str:
@@ -689,9 +692,8 @@ def test_claim_received_takes_over_from_a_failed_or_replaced_holder(alias: str) 
     assert claim_received(alias, restarted, "t2") == {"t2": 2}
 
 
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
 def test_claim_received_of_a_batch_is_one_statement_on_postgresql(alias: str) -> None:
-    if connections[alias].vendor != "postgresql":
-        pytest.skip("one statement per batch is the PostgreSQL path")
     worker = make_worker(alias)
     make_task(alias, "t1", status="queued")
     with CaptureQueriesContext(connections[alias]) as ctx:
@@ -752,9 +754,8 @@ def test_record_published_reopens_a_finished_row_but_not_a_revoked_one(
 
 
 @pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
 def test_record_published_relaxes_only_its_own_commit(alias: str) -> None:
-    if connections[alias].vendor != "postgresql":
-        pytest.skip("synchronous_commit is PostgreSQL's")
     conn = connections[alias]
     with CaptureQueriesContext(conn) as ctx:
         TaskQueue.objects.using(alias).record_published(
