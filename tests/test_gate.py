@@ -236,3 +236,14 @@ def test_dropping_a_duplicate_keeps_the_run_it_duplicates_in_the_worker_state(
         state.requests.pop("t1", None)
         state.reserved_requests.discard(first)  # type: ignore[arg-type]
         state.reserved_requests.discard(copy)  # type: ignore[arg-type]
+
+
+def test_a_message_the_gate_cannot_read_still_runs_untracked(gate: Gate, pool: Pool) -> None:
+    broken, fine = FakeRequest("broken"), FakeRequest("fine")
+    broken.message = None  # type: ignore[assignment]
+    gate(broken)  # type: ignore[arg-type]
+    pool.wait_for(1)
+    gate(fine)  # type: ignore[arg-type]  (the gate's thread is still there)
+    pool.wait_for(2)
+    assert broken.request_dict[TOKEN_KEY] == gate_module.UNTRACKED
+    assert fine.request_dict[TOKEN_KEY] == 1

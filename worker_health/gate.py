@@ -123,13 +123,18 @@ class Gate:
             self._dispatch(req, token, claimed_at)
 
     def _dispatch(self, req: Request, token: int | None, claimed_at: float) -> None:
+        """Pass one request on (or drop it as a duplicate); never raises, so that one bad
+        request cannot stop the loop or the gate's thread."""
         self.held.pop(req.id, None)
-        if token is None:
-            self._drop_duplicate(req)
-            return
-        req.request_dict[TOKEN_KEY] = token
-        req.request_dict[CLAIMED_AT_KEY] = claimed_at
-        self.process_task(req)
+        try:
+            if token is None:
+                self._drop_duplicate(req)
+                return
+            req.request_dict[TOKEN_KEY] = token
+            req.request_dict[CLAIMED_AT_KEY] = claimed_at
+            self.process_task(req)
+        except Exception:
+            logger.exception("worker_health: could not pass %s[%s] on", req.name, req.id)
 
     def _drop_duplicate(self, req: Request) -> None:
         from .models import EventKind, event
@@ -160,7 +165,10 @@ class Gate:
                 if not self._stopped:
                     time.sleep(LINGER)
                 while self._pending:
-                    self._claim_batch()
+                    try:
+                        self._claim_batch()
+                    except Exception:  # keep the thread: what follows must still pass
+                        logger.exception("worker_health: the claim gate failed a batch")
                 if self._stopped and not self._pending:
                     return
         finally:
@@ -237,6 +245,11 @@ class Gate:
                         "untracked until the database answers",
                         exc,
                     )
+            except Exception:
+                # A bug, or a message we cannot read: run the batch untracked rather than
+                # hold it (or lose the gate's thread).
+                logger.exception("worker_health: could not claim %d received task(s)", len(batch))
+                break
         return {req.id: UNTRACKED for req in batch}
 
     def _worker_pk(self) -> int | None:
