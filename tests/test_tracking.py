@@ -227,3 +227,22 @@ def test_replace_requeues_the_running_task_before_the_replacement_is_published(
     finally:
         host.pop_request()
     assert calls == [("original on_replace", "sig")]
+
+
+def test_a_published_message_never_carries_the_gates_token() -> None:
+    """A retry builds its message from the running request, whose custom keys include the
+    gate's token: it must be stripped, or a pool without a gate would trust a stale claim."""
+    from worker_health.gate import CLAIMED_AT_KEY, TOKEN_KEY
+
+    headers: dict[str, Any] = {
+        "id": "t-1",
+        "task": "worker_health.tasks.detect_failed_workers",  # untracked: no database write
+        TOKEN_KEY: 3,
+        CLAIMED_AT_KEY: 12.5,
+        "headers": {TOKEN_KEY: 3, CLAIMED_AT_KEY: 12.5, "mine": 1},
+    }
+    tracking.on_before_task_publish(
+        sender="worker_health.tasks.detect_failed_workers", headers=headers, routing_key="celery"
+    )
+    assert TOKEN_KEY not in headers and CLAIMED_AT_KEY not in headers
+    assert headers["headers"] == {"mine": 1}

@@ -96,7 +96,8 @@ def on_before_task_publish(
     properties: dict[str, Any] | None = None,
     **_: Any,
 ) -> None:
-    headers = headers or {}
+    headers = headers if headers is not None else {}
+    _strip_gate_keys(headers)
     task_name = headers.get("task") or sender
     task_id = headers.get("id")
     if not task_id or not is_tracked(task_name, routing_key):
@@ -130,6 +131,16 @@ def on_before_task_publish(
     except Exception:
         # Tracking must never break the user's publish; the worker records it on receipt.
         logger.exception("worker_health: could not record the publish of %s", task_id)
+
+
+def _strip_gate_keys(headers: dict[str, Any]) -> None:
+    """A retry (or ``Task.replace``) builds its message from the running request, custom
+    keys included: the gate's token must not travel with it (a pool without a gate would
+    take it for its own claim)."""
+    for container in (headers, headers.get("headers")):
+        if isinstance(container, dict):
+            container.pop(TOKEN_KEY, None)
+            container.pop(CLAIMED_AT_KEY, None)
 
 
 def _requeue_own(task_id: str, token: int) -> None:
@@ -328,7 +339,7 @@ def claim_before_start(task: Task, task_id: str, args: Any, kwargs: Any) -> None
         identity = identity_for(request.hostname)
         if identity is not None:
             token = _token_from_gate(task, task_id, identity)
-            if token is _NO_GATE:
+            if token == _NO_GATE:
                 token = _claim(task, task_id, queue, identity)
             if token is None:
                 logger.info(
