@@ -423,9 +423,11 @@ def stop_worker(identity: WorkerIdentity, *, cold: bool) -> None:
         identity.heart.stop()
     try:
         close_old_connections()
-        # Received and never finished: claimed by the gate but not passed on, or left in
-        # the pool's queue when it stopped. (Finished runs are written first.)
-        unfinished = set(gate.uninstall(identity)) | set(state.requests)
+        # Received and never started: claimed by the gate but not passed on, or left in
+        # the pool's queue when it stopped (never the running ones, should this signal come
+        # before the pool has drained). Finished runs are written first.
+        running = {r.id for r in list(state.active_requests)}
+        unfinished = set(gate.uninstall(identity)) | (set(list(state.requests)) - running)
         completions.flush(timeout=10.0)
         reclaim.hand_back(identity, include_running=cold, unfinished=unfinished)
         drain.mark_offline(identity.worker_id, identity.incarnation, cold=cold)
