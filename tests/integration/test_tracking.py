@@ -250,3 +250,39 @@ def test_application_publishing_a_finished_id_again_runs_it_again(sqlite_stack: 
         .filter(kind=EventKind.DUPLICATE_DELIVERY)
         .exists()
     )
+
+
+def test_warm_shutdown_hands_back_prefetched_tasks_and_runs_nothing_twice(
+    sqlite_stack: Stack,
+) -> None:
+    # Prefetched tasks (no ETA) are claimed by the gate and queued for the pool. On a warm
+    # shutdown the pool finishes what it was given, and what it was not given is published
+    # again (the filesystem transport has dropped the messages): none lost, none run twice,
+    # whichever way a given task goes.
+    stack = sqlite_stack
+    leaving = stack.worker("leaving", concurrency=1)
+    ids = stack.publish("work", 4, kwargs={"seconds": 3, "label": "prefetched"})
+    wait_for(
+        lambda: (
+            TaskQueue.objects.using(stack.alias)
+            .filter(task_id__in=ids, claimed_by__worker_id=stack.node("leaving"))
+            .exclude(status="queued")
+            .count()
+            == 4
+        ),
+        60,
+        what="all four tasks to be held by the leaving worker",
+    )
+    leaving.signal(signal.SIGTERM)
+    assert leaving.popen.wait(60) == 0
+    stack.worker("staying", concurrency=2)
+    wait_for(
+        lambda: Effect.objects.using(stack.alias).filter(task_id__in=ids).count() == 4,
+        60,
+        what="every task to run",
+    )
+    time.sleep(3)
+    runs = Effect.objects.using(stack.alias).filter(task_id__in=ids).values_list("runs", flat=True)
+    assert sorted(runs) == [1, 1, 1, 1]
+    rows = TaskQueue.objects.using(stack.alias).filter(task_id__in=ids)
+    assert set(rows.values_list("status", flat=True)) == {"succeeded"}
