@@ -701,6 +701,91 @@ def test_claim_received_of_a_batch_is_one_statement_on_postgresql(alias: str) ->
     assert len(ctx.captured_queries) == 1, ctx.captured_queries
 
 
+def test_claim_received_keeps_binary_bodies_times_and_odd_headers_exactly(alias: str) -> None:
+    """The batch travels as one JSON parameter on PostgreSQL: a pickled body (any bytes),
+    ETA and expiry, and header values JSON has no type for come through intact."""
+    worker = make_worker(alias)
+    body = bytes(range(256)) + b"\x00\xff\n\\"
+    eta = timezone.now() + timedelta(minutes=5)
+    expires = eta + timedelta(hours=1)
+    headers = {"id": "p1", "task": "demo.tasks.work", "argsrepr": "('é', \"\\n\")", "n": 1.5}
+    assert TaskQueue.objects.using(alias).claim_received(
+        [
+            delivery(
+                "p1",
+                body=body,
+                content_type="application/x-python-serialize",
+                content_encoding="binary",
+                eta=eta,
+                expires=expires,
+                headers=headers,
+            ),
+            delivery("p2", body=None),
+        ],
+        worker_pk=worker.pk,
+        incarnation=worker.incarnation,
+    ) == {"p1": 1, "p2": 1}
+    row = TaskQueue.objects.using(alias).get(task_id="p1")
+    assert bytes(row.body) == body
+    assert (row.content_type, row.content_encoding) == (
+        "application/x-python-serialize",
+        "binary",
+    )
+    assert (row.eta, row.expires) == (eta, expires)
+    assert row.headers == headers
+    assert TaskQueue.objects.using(alias).get(task_id="p2").body is None
+
+
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_hot_path_statements_are_prepared_on_worker_health_connections(alias: str) -> None:
+    """Django turns psycopg's prepared statements off by default; worker_health's own
+    connections (``relax_connection``) prepare its hot-path statements all the same."""
+    from worker_health.durability import relax_connection
+
+    worker = make_worker(alias)
+    relax_connection(alias)
+    claim_received(alias, worker, "t1")
+    TaskQueue.objects.using(alias).finish_many([("t1", 1, "succeeded")])
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    assert any("INSERT INTO task_queue" in sql for sql in prepared), prepared
+    assert any("UPDATE task_queue" in sql for sql in prepared), prepared
+
+
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_prepare_threshold_none_in_options_turns_preparing_off(alias: str) -> None:
+    from worker_health.durability import prepares
+
+    options = connections[alias].settings_dict.setdefault("OPTIONS", {})
+    assert prepares(alias)
+    options["prepare_threshold"] = None
+    try:
+        assert not prepares(alias)
+    finally:
+        del options["prepare_threshold"]
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_a_prepared_statement_the_server_forgot_runs_unprepared(alias: str) -> None:
+    """Behind a pooler in transaction mode the next server connection does not know the
+    statement: the claim still goes through, and nothing is prepared from then on."""
+    from worker_health import durability
+
+    worker = make_worker(alias)
+    durability.relax_connection(alias)
+    assert claim_received(alias, worker, "t1") == {"t1": 1}
+    raw = connections[alias].connection
+    raw.pgconn.exec_(b"DEALLOCATE ALL")  # behind psycopg's back, as another server would
+    try:
+        assert claim_received(alias, worker, "t2") == {"t2": 1}
+        assert alias in durability.unprepared
+        assert claim_received(alias, worker, "t3") == {"t3": 1}
+    finally:
+        durability.unprepared.discard(alias)
+
+
 def test_confirm_claim_only_for_the_current_claim(alias: str) -> None:
     worker = make_worker(alias, "w1@host")
     other = make_worker(alias, "w2@host")

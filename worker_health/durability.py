@@ -21,6 +21,29 @@ from .conf import settings
 
 _tuned = threading.local()
 
+#: psycopg prepares a statement it is asked to only when its connection's threshold is
+#: not ``None``; this one never prepares a statement by itself
+ONLY_WHEN_ASKED = 2**31 - 1
+
+#: aliases whose server refused a prepared statement (a pooler in transaction mode): their
+#: hot-path statements run unprepared from then on
+unprepared: set[str] = set()
+
+
+def prepares(using: str) -> bool:
+    """Do worker_health's hot-path statements run prepared on this database?
+
+    Yes, unless ``OPTIONS`` sets ``prepare_threshold`` to ``None`` itself (behind PgBouncer
+    in transaction mode before 1.21) or the server refused one. Django's own default (no
+    prepared statements) does not count: the statements are few, fixed and run on
+    worker_health's own connections, and parsing and planning them anew costs the database
+    more than running them.
+    """
+    if using in unprepared:
+        return False
+    options = connections[using].settings_dict.get("OPTIONS") or {}
+    return not ("prepare_threshold" in options and options["prepare_threshold"] is None)
+
 
 def relax_connection(using: str = "default") -> None:
     """For a connection that only worker_health uses (its own threads): commit without
@@ -34,6 +57,8 @@ def relax_connection(using: str = "default") -> None:
     raw = conn.connection
     if getattr(_tuned, using, None) is raw:
         return
+    if getattr(raw, "prepare_threshold", 0) is None and prepares(using):
+        raw.prepare_threshold = ONLY_WHEN_ASKED  # Django's default turns preparing off
     with conn.cursor() as cursor:
         cursor.execute("SET plan_cache_mode TO force_generic_plan")
         if not settings.SYNCHRONOUS_COMMIT:

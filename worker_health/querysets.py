@@ -8,8 +8,10 @@ says who won.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
+from binascii import b2a_base64
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,8 +22,12 @@ from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
 from django.db.models.functions import Now
 from django.db.models.sql import UpdateQuery
 
+from .durability import prepares, unprepared
+
 if TYPE_CHECKING:
     from .models import DetectorState, TaskQueue, WorkerEvent, WorkerRegistry  # noqa: F401
+
+logger = logging.getLogger("worker_health")
 
 
 def db_now_minus(seconds: float) -> models.Expression:
@@ -151,6 +157,23 @@ class Delivery:
     eta: datetime | None
     expires: datetime | None
 
+    def json_row(self) -> dict[str, Any]:
+        """This delivery as a row of ``CLAIM_RECEIVED_SQL``'s JSON batch."""
+        return {
+            "i": self.task_id,
+            "n": self.task_name,
+            "q": self.queue,
+            "x": self.exchange,
+            "k": self.routing_key,
+            "b": None if self.body is None else b2a_base64(self.body, newline=False).decode(),
+            "ct": self.content_type,
+            "ce": self.content_encoding,
+            "h": self.headers,
+            "p": self.properties,
+            "eta": None if self.eta is None else self.eta.isoformat(),
+            "exp": None if self.expires is None else self.expires.isoformat(),
+        }
+
     def row_fields(self) -> dict[str, Any]:
         return {
             "task_name": self.task_name,
@@ -189,13 +212,10 @@ INSERT INTO task_queue AS t (task_id, task_name, status, queue, exchange, routin
     content_type, content_encoding, headers, properties, eta, expires, claimed_by_id,
     claimed_incarnation, claimed_at, fencing_token, reclaim_count, publish_attempts, lost_on,
     created_at, updated_at)
-SELECT v.task_id, v.task_name, 'claimed', v.queue, v.exchange, v.routing_key, v.body,
-    v.content_type, v.content_encoding, v.headers, v.properties, v.eta, v.expires,
-    w.worker, w.inc, now(), 1, 0, 0, '[]'::jsonb, now(), now()
-FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[],
-    %s::text[], %s::text[], %s::jsonb[], %s::jsonb[], %s::timestamptz[], %s::timestamptz[])
-    AS v(task_id, task_name, queue, exchange, routing_key, body, content_type,
-    content_encoding, headers, properties, eta, expires)
+SELECT v.i, v.n, 'claimed', v.q, v.x, v.k, decode(v.b, 'base64'), v.ct, v.ce, v.h, v.p,
+    v.eta, v.exp, w.worker, w.inc, now(), 1, 0, 0, '[]'::jsonb, now(), now()
+FROM json_to_recordset(%s::json) AS v(i text, n text, q text, x text, k text, b text,
+    ct text, ce text, h jsonb, p jsonb, eta timestamptz, exp timestamptz)
 CROSS JOIN (SELECT %s::bigint AS worker, %s::uuid AS inc) AS w
 ON CONFLICT (task_id) DO UPDATE SET
     task_name = EXCLUDED.task_name, queue = EXCLUDED.queue, exchange = EXCLUDED.exchange,
@@ -231,38 +251,83 @@ WHERE t.status IN ('succeeded', 'failed')
 #: status out of the index conditions: the generic plan must look rows up by task id, not
 #: scan the claimed ones.)
 FINISH_MANY_SQL = """
-UPDATE task_queue AS t SET status = v.status, finished_at = now(), updated_at = now()
-FROM unnest(%s::text[], %s::integer[], %s::text[]) AS v(task_id, token, status)
-WHERE t.task_id = v.task_id AND t.fencing_token = v.token AND (t.status = 'claimed') IS TRUE
+UPDATE task_queue AS t SET status = v.s, finished_at = now(), updated_at = now()
+FROM json_to_recordset(%s::json) AS v(i text, k integer, s text)
+WHERE t.task_id = v.i AND t.fencing_token = v.k AND (t.status = 'claimed') IS TRUE
 RETURNING t.task_id, t.fencing_token
 """
+
+
+def _batch_json(rows: list[dict[str, Any]]) -> str:
+    """A batch for the statements above: one JSON parameter, whatever the batch's size
+    (one C-encoded string is far cheaper to send than a dozen arrays dumped element by
+    element, and the statement's text stays the same for its prepared plan)."""
+    return json.dumps(rows, separators=(",", ":"), default=str)
 
 
 def _execute_prepared(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     """Run one of the hot-path statements above and fetch its rows.
 
-    Their text does not depend on the batch size (arrays, not VALUES lists), so with
-    psycopg 3 they run as server-side prepared statements: PostgreSQL parses and plans each
-    once per connection, and the parameters (message bodies included) travel in binary.
-    With psycopg2 they run through Django's cursor as any query.
+    Their text does not depend on the batch size (one JSON parameter, not VALUES lists),
+    so with psycopg 3 they run as server-side prepared statements: PostgreSQL parses and
+    plans each once per connection. With psycopg2 they run through Django's cursor as any
+    query.
     """
     conn = connections[using]
     conn.ensure_connection()
     raw = conn.connection
     if hasattr(raw, "pipeline"):  # psycopg 3
+        import psycopg
+
         started = time.monotonic()
-        with conn.wrap_database_errors, raw.cursor() as cursor:
-            # OPTIONS={"prepare_threshold": None} (e.g. behind PgBouncer in transaction
-            # mode) turns prepared statements off, here too.
-            cursor.execute(sql, params, prepare=raw.prepare_threshold is not None)
-            rows = list(cursor.fetchall())
+        prepare = prepares(using)
+        try:
+            rows = _run_psycopg(conn, psycopg.Cursor(raw), sql, params, prepare)
+        except (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement):
+            # A pooler handed us another server connection: prepare nothing more here.
+            logger.warning(
+                "worker_health: the database refused a prepared statement (a connection "
+                "pooler in transaction mode?); running unprepared from now on. Set "
+                "OPTIONS['prepare_threshold'] = None to say so."
+            )
+            unprepared.add(using)
+            if conn.in_atomic_block:  # the failed statement aborted the transaction
+                with conn.wrap_database_errors:
+                    raise
+            rows = _run_psycopg(conn, psycopg.Cursor(raw), sql, params, False)
         if conn.queries_logged:  # as Django's debug cursor does (CaptureQueriesContext)
             conn.queries_log.append(
-                {"sql": sql, "time": f"{time.monotonic() - started:.3f}", "params": "prepared"}
+                {
+                    "sql": sql,
+                    "time": f"{time.monotonic() - started:.3f}",
+                    "params": "prepared" if prepare else "bound",
+                }
             )
         return rows
     with conn.cursor() as cursor:
         cursor.execute(sql, params)
+        return list(cursor.fetchall())
+
+
+def _run_psycopg(
+    conn: Any, cursor: Any, sql: str, params: Sequence[Any], prepare: bool
+) -> list[tuple[Any, ...]]:
+    # A server-side binding cursor, whatever Django's ``server_side_binding``: Django's
+    # default cursor binds parameters on the client, and a statement whose text holds
+    # its values cannot be prepared.
+    with cursor:
+        try:
+            cursor.execute(sql, params, prepare=prepare)
+        except Exception as exc:
+            import psycopg
+
+            if isinstance(
+                exc,
+                (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement),
+            ):
+                raise
+            with conn.wrap_database_errors:
+                raise
         return list(cursor.fetchall())
 
 
@@ -448,29 +513,15 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
     ) -> dict[str, int | None]:
         from .conf import settings
 
-        columns: list[list[Any]] = [[] for _ in range(12)]
-        for d in deliveries:
-            for column, value in zip(
-                columns,
-                (
-                    d.task_id,
-                    d.task_name,
-                    d.queue,
-                    d.exchange,
-                    d.routing_key,
-                    d.body,
-                    d.content_type,
-                    d.content_encoding,
-                    json.dumps(d.headers),
-                    json.dumps(d.properties),
-                    d.eta,
-                    d.expires,
-                ),
-                strict=True,
-            ):
-                column.append(value)
         rows = _execute_prepared(
-            self.db, CLAIM_RECEIVED_SQL, [*columns, worker_pk, incarnation, settings.STALE_AFTER]
+            self.db,
+            CLAIM_RECEIVED_SQL,
+            [
+                _batch_json([d.json_row() for d in deliveries]),
+                worker_pk,
+                incarnation,
+                settings.STALE_AFTER,
+            ],
         )
         claimed = {task_id: int(token) for task_id, token in rows}
         return {d.task_id: claimed.get(d.task_id) for d in deliveries}
@@ -497,8 +548,8 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         if not runs:
             return set()
         if connections[self.db].vendor == "postgresql":
-            ids, tokens, statuses = (list(column) for column in zip(*runs, strict=True))
-            rows = _execute_prepared(self.db, FINISH_MANY_SQL, [ids, tokens, statuses])
+            batch = _batch_json([{"i": i, "k": k, "s": s} for i, k, s in runs])
+            rows = _execute_prepared(self.db, FINISH_MANY_SQL, [batch])
             return {(task_id, int(token)) for task_id, token in rows}
         return {(run[0], run[1]) for run in runs if self.finish(*run)}
 
