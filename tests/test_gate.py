@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -11,15 +12,21 @@ from typing import Any
 
 import pytest
 from celery.worker import state
+from django.db import connections
 from kombu.asynchronous import Hub
 
-from tests.factories import make_task, make_worker
+from tests.factories import ALIASES, make_task, make_worker
 from worker_health import gate as gate_module
-from worker_health.gate import CLAIMED_AT_KEY, TOKEN_KEY, Gate, pool_is_gated
+from worker_health.gate import CLAIMED_AT_KEY, TOKEN_KEY, UNTRACKED, Gate, pool_is_gated
 from worker_health.heartbeat import WorkerIdentity
+from worker_health.loopwriter import LoopWriter
 from worker_health.models import EventKind, TaskQueue, WorkerEvent
+from worker_health.relay import Relay
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+#: the PostgreSQL alias alone (skipped, with the reason, without WORKER_HEALTH_TEST_DATABASE_URL)
+POSTGRES_ONLY = [param for param in ALIASES if param.id == "postgres"]
 
 
 class FakeRequest:
@@ -162,9 +169,7 @@ def test_a_delivery_that_may_not_run_is_acked_and_dropped(
 def test_the_same_task_twice_in_one_batch_runs_once(gate: Gate, pool: Pool) -> None:
     first, second = FakeRequest("t1"), FakeRequest("t1")
     gate._pending.extend([first, second])  # type: ignore[list-item]
-    gate._wake.set()
-    gate._thread = threading.Thread(target=gate._run, daemon=True)
-    gate._thread.start()
+    gate._wake()
     pool.wait_for(1)
     deadline = time.monotonic() + 5
     while not second.acked and time.monotonic() < deadline:
@@ -247,3 +252,268 @@ def test_a_message_the_gate_cannot_read_still_runs_untracked(gate: Gate, pool: P
     pool.wait_for(2)
     assert broken.request_dict[TOKEN_KEY] == gate_module.UNTRACKED
     assert fine.request_dict[TOKEN_KEY] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# completions relayed by the pool processes
+
+
+def relayed_from_a_pool_process(relay: Relay, *runs: tuple[str, int, str, str]) -> None:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = all(relay.send(*run) for run in runs)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_relayed_completions_are_written_with_the_next_claims(
+    identity: WorkerIdentity, pool: Pool
+) -> None:
+    g = Gate(identity, pool, lambda req: True)
+    g.relay = Relay()
+    g.start()
+    try:
+        g(FakeRequest("t1"))  # type: ignore[arg-type]
+        pool.wait_for(1)
+        token = pool.received[0][0].request_dict[TOKEN_KEY]
+        relayed_from_a_pool_process(g.relay, ("t1", token, "succeeded", "SUCCESS"))
+        g(FakeRequest("t2"))  # type: ignore[arg-type]
+        pool.wait_for(2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if TaskQueue.objects.get(task_id="t1").status == "succeeded":
+                break
+            time.sleep(0.02)
+        statuses = dict(TaskQueue.objects.values_list("task_id", "status"))
+        assert statuses == {"t1": "succeeded", "t2": "claimed"}
+    finally:
+        g.stop()
+
+
+def test_a_relayed_completion_of_a_reclaimed_run_is_stale_and_changes_nothing(
+    identity: WorkerIdentity, pool: Pool
+) -> None:
+    make_task("default", "cut", status="claimed", fencing_token=5)
+    g = Gate(identity, pool, lambda req: True)
+    g.relay = Relay()
+    g.start()
+    try:
+        relayed_from_a_pool_process(g.relay, ("cut", 4, "succeeded", "SUCCESS"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if WorkerEvent.objects.filter(kind=EventKind.STALE_COMPLETION, task_id="cut"):
+                break
+            time.sleep(0.02)
+        assert WorkerEvent.objects.filter(kind=EventKind.STALE_COMPLETION, task_id="cut").exists()
+        assert TaskQueue.objects.get(task_id="cut").status == "claimed"
+    finally:
+        g.stop()
+
+
+def test_relayed_completions_wait_out_a_database_error_and_are_written_after(
+    identity: WorkerIdentity, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.db import OperationalError
+
+    from worker_health.querysets import TaskQuerySet
+
+    make_task("default", "t1", status="claimed", fencing_token=1)
+    real = TaskQuerySet.finish_many
+    failures = {"left": 3}
+
+    def flaky(self: TaskQuerySet, runs: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("the database is away")
+        return real(self, runs)
+
+    monkeypatch.setattr(TaskQuerySet, "finish_many", flaky)
+    g = Gate(identity, pool, lambda req: True)
+    g.relay = Relay()
+    g.start()
+    try:
+        relayed_from_a_pool_process(g.relay, ("t1", 1, "succeeded", "SUCCESS"))
+        assert "t1" in wait_for_value(lambda: g.in_flight())  # held while unwritten
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if TaskQueue.objects.get(task_id="t1").status == "succeeded":
+                break
+            time.sleep(0.05)
+        assert TaskQueue.objects.get(task_id="t1").status == "succeeded"
+        assert failures["left"] == 0
+        assert "t1" not in g.in_flight()
+    finally:
+        g.stop()
+
+
+def test_stop_writes_what_the_pool_relayed_while_it_drained(
+    identity: WorkerIdentity, pool: Pool
+) -> None:
+    make_task("default", "t1", status="claimed", fencing_token=2)
+    g = Gate(identity, pool, lambda req: True)
+    g.relay = Relay()
+    g.start()
+    g.close_intake()  # the consumer stopped; the pool still finishes its tasks
+    relayed_from_a_pool_process(g.relay, ("t1", 2, "failed", "FAILURE"))
+    g.stop()
+    assert TaskQueue.objects.get(task_id="t1").status == "failed"
+
+
+def wait_for_value(fn: Any, timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.005)
+    return fn()
+
+
+# --------------------------------------------------------------------------------------------
+# loop mode: the writes are made from the event loop (PostgreSQL)
+
+
+class LoopThread:
+    """A kombu hub running in a thread of its own, as the worker's event loop."""
+
+    def __init__(self) -> None:
+        self.hub = Hub()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-loop", daemon=True)
+
+    def _run(self) -> None:
+        loop = self.hub.create_loop()
+        while not self._stop.is_set():
+            next(loop)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.hub.call_soon(lambda: None)  # wake it
+        self._thread.join(5)
+
+
+@pytest.fixture
+def pg_identity() -> WorkerIdentity:
+    worker = make_worker("postgres", "loop@host")
+    return WorkerIdentity(
+        worker_id=worker.worker_id, incarnation=worker.incarnation, metadata={}, pk=worker.pk
+    )
+
+
+@pytest.fixture
+def loop_gate(pg_identity: WorkerIdentity, pool: Pool) -> Iterator[tuple[Gate, LoopThread]]:
+    loop = LoopThread()
+    g = Gate(pg_identity, pool, lambda req: True)
+    g.relay = Relay()
+    g.register_with_event_loop(loop.hub)  # thread mode (SQLite): only the release pipe
+    g.writer = LoopWriter(g, loop.hub, alias="postgres")
+    loop.hub.add_reader(g.relay.read_fd, g._on_relayed)
+    g.writer.start()
+    loop.start()
+    yield g, loop
+    loop.stop()
+    g.stop()
+
+
+def pg_rows() -> dict[str, tuple[str, int]]:
+    return {
+        t: (status, token)
+        for t, status, token in TaskQueue.objects.using("postgres").values_list(
+            "task_id", "status", "fencing_token"
+        )
+    }
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_loop_mode_claims_and_finishes_from_the_loop_without_a_thread(
+    alias: str, loop_gate: tuple[Gate, LoopThread], pool: Pool
+) -> None:
+    g, loop = loop_gate
+    for i in range(5):
+        loop.hub.call_soon(g, FakeRequest(f"t{i}"))
+    pool.wait_for(5)
+    assert g._thread is None  # no gate thread: the loop did it all
+    assert {name for _, name, _ in pool.received} == {"event-loop"}
+    tokens = {r.id: r.request_dict[TOKEN_KEY] for r, _, _ in pool.received}
+    assert tokens == {f"t{i}": 1 for i in range(5)}
+    assert pg_rows() == {f"t{i}": ("claimed", 1) for i in range(5)}
+    relayed_from_a_pool_process(g.relay, *[(f"t{i}", 1, "succeeded", "SUCCESS") for i in range(4)])
+    loop.hub.call_soon(g, FakeRequest("t9"))  # written with the completions
+    pool.wait_for(6)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and pg_rows().get("t3", ("",))[0] != "succeeded":
+        time.sleep(0.02)
+    rows = pg_rows()
+    assert {t: rows[t][0] for t in rows} == {
+        **{f"t{i}": "succeeded" for i in range(4)},
+        "t4": "claimed",
+        "t9": "claimed",
+    }
+    # a second delivery of a finished task never reaches the pool
+    dup = FakeRequest("t0")
+    loop.hub.call_soon(g, dup)
+    deadline = time.monotonic() + 10
+    while not dup.acked and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dup.acked and dup not in [r for r, _, _ in pool.received]
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_loop_mode_runs_untracked_while_the_connection_is_lost_then_claims_again(
+    alias: str, loop_gate: tuple[Gate, LoopThread], pool: Pool
+) -> None:
+    g, loop = loop_gate
+    loop.hub.call_soon(g, FakeRequest("before"))
+    pool.wait_for(1)
+    assert g.writer is not None and g.writer.raw is not None
+    backend = g.writer.raw.info.backend_pid
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [backend])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [backend])
+            if not cursor.fetchone()[0]:
+                break
+            time.sleep(0.02)
+    loop.hub.call_soon(g, FakeRequest("during"))
+    pool.wait_for(2)
+    during = next(r for r, _, _ in pool.received if r.id == "during")
+    # the connection was found dead: the task ran (untracked) rather than waited
+    assert during.request_dict[TOKEN_KEY] == UNTRACKED
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if g.writer.raw is not None and g.writer.raw.info.backend_pid != backend:
+            break
+        time.sleep(0.02)
+    loop.hub.call_soon(g, FakeRequest("after"))
+    pool.wait_for(3)
+    after = next(r for r, _, _ in pool.received if r.id == "after")
+    assert after.request_dict[TOKEN_KEY] == 1
+    assert pg_rows()["after"] == ("claimed", 1)
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_loop_mode_hands_over_to_the_thread_at_shutdown(
+    alias: str, loop_gate: tuple[Gate, LoopThread], pool: Pool
+) -> None:
+    """The loop stops before the pool drains: the completions relayed after it are
+    written by the gate's thread."""
+    g, loop = loop_gate
+    loop.hub.call_soon(g, FakeRequest("t1"))
+    pool.wait_for(1)
+    loop.stop()
+    # the gate's thread writes to the default database (SQLite here)
+    make_task("default", "t1", status="claimed", fencing_token=1)
+    g.close_intake()
+    assert g.writer is None
+    relayed_from_a_pool_process(g.relay, ("t1", 1, "succeeded", "SUCCESS"))
+    g.stop()
+    assert TaskQueue.objects.get(task_id="t1").status == "succeeded"
+    assert pg_rows()["t1"] == ("claimed", 1)

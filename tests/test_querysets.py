@@ -817,6 +817,39 @@ def test_finish_many_accepts_only_current_tokens(alias: str) -> None:
     assert qs.finish_many([]) == set()
 
 
+def test_claim_and_finish_does_both_as_each_would(alias: str) -> None:
+    worker = make_worker(alias)
+    claim_received(alias, worker, "done", "cut")
+    TaskQueue.objects.using(alias).filter(task_id="cut").update(fencing_token=9)
+    tokens, accepted = TaskQueue.objects.using(alias).claim_and_finish(
+        [delivery("new"), delivery("done")],
+        [("done", 1, "succeeded"), ("cut", 1, "succeeded")],
+        worker_pk=worker.pk,
+        incarnation=worker.incarnation,
+    )
+    # "done" finished first, so its new delivery is refused; "cut" was not this run's
+    assert tokens == {"new": 1, "done": None}
+    assert accepted == {("done", 1)}
+    statuses = dict(TaskQueue.objects.using(alias).values_list("task_id", "status"))
+    assert statuses == {"done": "succeeded", "cut": "claimed", "new": "claimed"}
+
+
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_claim_and_finish_is_one_statement_on_postgresql(alias: str) -> None:
+    worker = make_worker(alias)
+    claim_received(alias, worker, "a", "b")
+    with CaptureQueriesContext(connections[alias]) as ctx:
+        tokens, accepted = TaskQueue.objects.using(alias).claim_and_finish(
+            [delivery("c"), delivery("d")],
+            [("a", 1, "succeeded"), ("b", 1, "failed")],
+            worker_pk=worker.pk,
+            incarnation=worker.incarnation,
+        )
+    assert len(ctx.captured_queries) == 1, ctx.captured_queries
+    assert tokens == {"c": 1, "d": 1}
+    assert accepted == {("a", 1), ("b", 1)}
+
+
 @pytest.mark.parametrize("status", ["succeeded", "failed"])
 def test_record_published_reopens_a_finished_row_but_not_a_revoked_one(
     alias: str, status: str

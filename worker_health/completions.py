@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from django.db import DatabaseError, InterfaceError
 
-from . import dbthread
+from . import dbthread, relay
 from .durability import relax_connection
 
 logger = logging.getLogger("worker_health")
@@ -70,8 +70,14 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def add(completion: Completion) -> None:
-    """Queue a completion; it is written on the database thread without waiting."""
+    """Queue a completion; it is written on the database thread without waiting (or, in
+    a prefork pool process, relayed to the main process's gate: :mod:`.relay`)."""
     global _scheduled
+    pipe = relay.current
+    if pipe is not None and pipe.send(
+        completion.task_id, completion.token, completion.status, completion.state
+    ):
+        return
     with _lock:
         _pending.append(completion)
         if _scheduled:
@@ -143,7 +149,7 @@ def _write_pending(linger: float | None = None) -> None:
     for completion in tracked:
         if (completion.task_id, completion.token) not in accepted:
             try:
-                _stale(completion)
+                stale(completion)
             except Exception:  # the completion itself was handled: only its record is lost
                 logger.exception("worker_health: could not record a stale completion")
 
@@ -152,7 +158,7 @@ def _retry_later() -> None:
     dbthread.submit_unguarded(_write_pending)
 
 
-def _stale(completion: Completion) -> None:
+def stale(completion: Completion) -> None:
     from .models import EventKind, TaskQueue, event
     from .signals import stale_completion
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import threading
 import time
 from collections import deque
@@ -35,8 +36,12 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps
 from django.db import DatabaseError, InterfaceError, close_old_connections
 
+from . import completions, loopwriter
+from . import relay as relay_module
 from .durability import relax_connection
 from .heartbeat import WorkerIdentity
+from .loopwriter import LoopWriter
+from .relay import Relay, Relayed
 
 if TYPE_CHECKING:
     from celery.worker.request import Request
@@ -77,7 +82,16 @@ class Gate:
         self._released: deque[tuple[Request, int | None, float]] = deque()
         #: task ids claimed and not yet handed to the pool (shutdown hands them back)
         self.held: dict[str, Request] = {}
-        self._wake = threading.Event()
+        #: completions relayed by the pool processes, not yet written
+        self.relay: Relay | None = None
+        self._done: list[Relayed] = []
+        self._done_retry_at = 0.0
+        self._done_backoff = completions.RETRY_FIRST
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._awake = False
+        self._relay_closed = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -85,6 +99,8 @@ class Gate:
         self._hub: Any = None
         self._pipe: tuple[int, int] | None = None
         self._failing_since: float | None = None
+        #: with an event loop on PostgreSQL: the writes are made from the loop, no thread
+        self.writer: LoopWriter | None = None
 
     # -- on the event loop --------------------------------------------------------------
 
@@ -92,7 +108,13 @@ class Gate:
         if self._stopped or not self.is_tracked(req):
             return self.process_task(req)
         self._pending.append(req)
-        self._wake.set()
+        if self.writer is not None:
+            self.writer.kick()
+        else:
+            self._wake()
+        return None
+
+    def start(self) -> None:
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -100,7 +122,14 @@ class Gate:
                         target=self._run, name="worker-health-gate", daemon=True
                     )
                     self._thread.start()
-        return None
+
+    def _wake(self) -> None:
+        if self._thread is None:
+            self.start()
+        if not self._awake:
+            self._awake = True
+            with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                os.write(self._wake_w, b"x")
 
     def register_with_event_loop(self, hub: Any) -> None:
         if self._pipe is None:
@@ -109,6 +138,23 @@ class Gate:
             os.set_blocking(self._pipe[1], False)
         hub.add_reader(self._pipe[0], self._on_wakeup)
         self._hub = hub
+        if self._closing or not loopwriter.usable():
+            return
+        if self.writer is None:
+            if self._thread is not None:
+                return  # the thread is at work already (the loop came late): it stays
+            self.writer = LoopWriter(self, hub)
+            self.writer.start()
+        else:
+            self.writer.attach(hub)
+        if self.relay is not None:
+            hub.add_reader(self.relay.read_fd, self._on_relayed)
+
+    def _on_relayed(self, *_: Any) -> None:
+        """Completions from the pool processes (loop mode)."""
+        if self.relay is not None and self.writer is not None:
+            self._done.extend(self.relay.receive())
+            self.writer.kick()
 
     def _on_wakeup(self, *_: Any) -> None:
         assert self._pipe is not None
@@ -160,19 +206,40 @@ class Gate:
     def _run(self) -> None:
         try:
             while True:
-                self._wake.wait()
-                self._wake.clear()
+                fds = [self._wake_r] if self.relay is None else [self._wake_r, self.relay.read_fd]
+                timeout = None
+                if self._done:
+                    timeout = max(0.0, self._done_retry_at - time.monotonic())
+                select.select(fds, [], [], timeout)
+                self._awake = False
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
                 if not self._stopped:
                     time.sleep(LINGER)
-                while self._pending:
+                closing = self._stopped and (self._relay_closed or self.relay is None)
+                if self.relay is not None:
+                    self._done.extend(self.relay.receive())
+                while self._pending or self._done_due(closing):
                     try:
-                        self._claim_batch()
+                        self._write_batch()
                     except Exception:  # keep the thread: what follows must still pass
                         logger.exception("worker_health: the claim gate failed a batch")
-                if self._stopped and not self._pending:
+                    if closing:
+                        break
+                if closing and not self._pending:
+                    if self._done:
+                        logger.warning(
+                            "worker_health: %d completion(s) could not be written before "
+                            "exit; their tasks may run again",
+                            len(self._done),
+                        )
                     return
         finally:
             close_old_connections()
+
+    def _done_due(self, closing: bool) -> bool:
+        return bool(self._done) and (closing or time.monotonic() >= self._done_retry_at)
 
     def _take_batch(self) -> list[Request]:
         batch: list[Request] = []
@@ -188,13 +255,47 @@ class Gate:
         self._pending.extendleft(reversed(later))
         return batch
 
-    def _claim_batch(self) -> None:
-        batch = self._take_batch()
-        if not batch:
+    def _take_due_done(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Relayed]:
+        """Relayed completions to write now (none while waiting to try again after an
+        error), leaving those of ``exclude`` for later."""
+        if not self._done or time.monotonic() < self._done_retry_at:
+            return []
+        take: list[Relayed] = []
+        keep: list[Relayed] = []
+        for c in self._done:
+            (keep if c.task_id in exclude or len(take) >= BATCH_SIZE else take).append(c)
+        self._done = keep
+        return take
+
+    def _requeue_done(self, done: list[Relayed]) -> None:
+        """Completions that could not be written: tried again after a back-off."""
+        if not done:
             return
+        self._done[:0] = done
+        delay = self._done_backoff
+        self._done_retry_at = time.monotonic() + delay
+        self._done_backoff = min(self._done_backoff * 2, completions.RETRY_MAX)
+        if self.writer is not None:
+            self.writer.hub.call_later(delay, self.writer.kick)
+
+    def _done_written(self) -> None:
+        self._done_backoff = completions.RETRY_FIRST
+        self._done_retry_at = 0.0
+
+    def _write_batch(self) -> None:
+        """Claim what is pending and write the relayed completions, in one statement."""
+        batch = self._take_batch()
+        self._done_retry_at = 0.0 if self._stopped and self._relay_closed else self._done_retry_at
+        done = self._take_due_done()
         for req in batch:
             self.held[req.id] = req
-        tokens = self._claim(batch)
+        tokens, written = self._write(batch, done)
+        if written:
+            self._done_written()
+        else:
+            self._requeue_done(done)
+        if not batch:
+            return
         claimed_at = time.monotonic()
         if self._closing:
             return  # shutdown: nothing more goes to the pool; these are handed back
@@ -209,35 +310,40 @@ class Gate:
             with contextlib.suppress(BlockingIOError):
                 os.write(self._pipe[1], b"x")
 
-    def _claim(self, batch: list[Request]) -> dict[str, int | None]:
-        """Tokens by task id (``None``: must not run); every id ``UNTRACKED`` when the
-        database cannot be reached (the tasks run, untracked, rather than not at all)."""
+    def _write(
+        self, batch: list[Request], done: list[Relayed]
+    ) -> tuple[dict[str, int | None], bool]:
+        """Tokens by task id (``None``: must not run; every id ``UNTRACKED`` when the
+        database cannot be reached: the tasks run, untracked, rather than not at all), and
+        whether the completions were written."""
         from .models import TaskQueue
         from .tracking import delivery_from_request
 
+        untracked: dict[str, int | None] = {req.id: UNTRACKED for req in batch}
+        runs = [(c.task_id, c.token, c.status) for c in done if c.token >= 0]
         for attempt in (1, 2):
             try:
                 relax_connection()
                 pk = self._worker_pk()
                 if pk is None:
-                    return {req.id: UNTRACKED for req in batch}
-                tokens = TaskQueue.objects.claim_received(
+                    return untracked, self._finish_alone(done)
+                tokens, accepted = TaskQueue.objects.claim_and_finish(
                     [delivery_from_request(req) for req in batch],
+                    runs,
                     worker_pk=pk,
                     incarnation=self.identity.incarnation,
                 )
+                self._finish_untracked(done)
                 if self._failing_since is not None:
                     logger.warning(
                         "worker_health: claims written again after %.1f s",
                         time.monotonic() - self._failing_since,
                     )
                     self._failing_since = None
-                return tokens
+                self._report_stale(done, accepted)
+                return tokens, True
             except (DatabaseError, InterfaceError) as exc:
-                close_old_connections()
-                from django.db import connections
-
-                connections["default"].close()
+                self._drop_connection()
                 if attempt == 2 and self._failing_since is None:
                     self._failing_since = time.monotonic()
                     logger.warning(
@@ -249,8 +355,55 @@ class Gate:
                 # A bug, or a message we cannot read: run the batch untracked rather than
                 # hold it (or lose the gate's thread).
                 logger.exception("worker_health: could not claim %d received task(s)", len(batch))
-                break
-        return {req.id: UNTRACKED for req in batch}
+                return untracked, self._finish_alone(done)
+        return untracked, False
+
+    def _finish_alone(self, done: list[Relayed]) -> bool:
+        """Write completions without claims (after the claims could not be)."""
+        from .models import TaskQueue
+
+        if not done:
+            return True
+        try:
+            runs = [(c.task_id, c.token, c.status) for c in done if c.token >= 0]
+            accepted = TaskQueue.objects.finish_many(runs)
+            self._finish_untracked(done)
+        except (DatabaseError, InterfaceError):
+            self._drop_connection()
+            return False
+        self._report_stale(done, accepted)
+        return True
+
+    def _finish_untracked(self, done: list[Relayed]) -> None:
+        from .models import TaskQueue
+
+        for status in {c.status for c in done if c.token < 0}:
+            TaskQueue.objects.finish_untracked(
+                [c.task_id for c in done if c.token < 0 and c.status == status], status
+            )
+
+    def _report_stale(self, done: list[Relayed], accepted: set[tuple[str, int]]) -> None:
+        for c in done:
+            if c.token >= 0 and (c.task_id, c.token) not in accepted:
+                try:
+                    completions.stale(
+                        completions.Completion(
+                            task_id=c.task_id,
+                            token=c.token,
+                            status=c.status,
+                            state=c.state,
+                            worker_id=self.identity.worker_id,
+                        )
+                    )
+                except Exception:  # the completion was handled: only its record is lost
+                    logger.exception("worker_health: could not record a stale completion")
+
+    @staticmethod
+    def _drop_connection() -> None:
+        close_old_connections()
+        from django.db import connections
+
+        connections["default"].close()
 
     def _worker_pk(self) -> int | None:
         if self.identity.pk is None:
@@ -266,22 +419,46 @@ class Gate:
     def in_flight(self) -> set[str]:
         """Ids of the requests the gate holds now (waiting for their claim, or claimed and
         not yet passed to the pool)."""
-        return {req.id for req in list(self._pending)} | set(list(self.held))
+        writer = self.writer
+        inflight = writer.inflight if writer is not None else None
+        return (
+            {req.id for req in list(self._pending)}
+            | set(list(self.held))
+            | {c.task_id for c in list(self._done)}
+            | ({c.task_id for c in inflight[2]} if inflight is not None else set())
+        )
 
     # -- shutdown -----------------------------------------------------------------------
 
-    def stop(self, timeout: float = 10.0) -> list[str]:
-        """Stop passing requests on (the consumer has stopped: nothing new arrives).
-        What was received is still claimed, so that it can be handed back; returns the
-        ids claimed but never handed to the pool."""
+    def close_intake(self) -> None:
+        """Stop passing requests on (the consumer has stopped: nothing new arrives). What
+        was received is still claimed, so that it can be handed back; relayed completions
+        are still written while the pool drains."""
         self._closing = True
         self._stopped = True
-        self._wake.set()
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()  # the loop has stopped: the gate's thread takes over
+            if self._hub is not None and self.relay is not None:
+                with contextlib.suppress(Exception):
+                    self._hub.remove_reader(self.relay.read_fd)
+        self._wake()
+
+    def stop(self, timeout: float = 10.0) -> list[str]:
+        """Stop for good (the pool has stopped): write the last relayed completions;
+        returns the ids claimed but never handed to the pool."""
+        self._relay_closed = True
+        self.close_intake()
         if self._thread is not None:
             self._thread.join(timeout)
         if self._hub is not None and self._pipe is not None:
             with contextlib.suppress(Exception):  # the loop is gone already
                 self._hub.remove_reader(self._pipe[0])
+        if self.relay is not None:
+            if relay_module.current is self.relay:
+                relay_module.close_relay()
+            else:
+                self.relay.close()
         return list(self.held)
 
 
@@ -348,7 +525,10 @@ class GateStep(bootsteps.StartStopStep):
 
         identity = _identities.get(w.hostname)
         if identity is not None and pool_is_gated(w.pool):
-            install(identity, w, request_is_tracked)
+            gate = install(identity, w, request_is_tracked)
+            if type(w.pool).__module__ == "celery.concurrency.prefork":
+                # before the pool forks: its processes inherit the pipe
+                gate.relay = relay_module.open_relay()
             self._identity = identity
         return self
 
@@ -364,7 +544,7 @@ class GateStep(bootsteps.StartStopStep):
     def stop(self, parent: Any = None) -> None:
         gate = gate_for(self._identity)
         if gate is not None:
-            gate.stop()
+            gate.close_intake()  # ``worker_shutdown`` stops it once the pool has drained
 
     def terminate(self, parent: Any = None) -> None:
         self.stop(parent)

@@ -233,6 +233,13 @@ WHERE t.status IN ('queued', 'reserved', 'reclaiming') OR (t.status = 'claimed' 
 RETURNING t.task_id, t.fencing_token
 """
 
+#: the end of a batch of runs and the claim of a batch of received messages in one statement
+#: (the gate writes both at once: :meth:`TaskQuerySet.claim_and_finish`)
+CLAIM_AND_FINISH_SQL = """
+WITH fin AS ({finish}), cl AS ({claim})
+SELECT 'f', task_id, fencing_token FROM fin UNION ALL SELECT 'c', task_id, fencing_token FROM cl
+"""
+
 #: the publisher's record (see ``TaskQuerySet.record_published``)
 RECORD_PUBLISHED_SQL = """
 INSERT INTO task_queue AS t (task_id, task_name, status, queue, exchange, routing_key,
@@ -256,6 +263,11 @@ FROM json_to_recordset(%s::json) AS v(i text, k integer, s text)
 WHERE t.task_id = v.i AND t.fencing_token = v.k AND (t.status = 'claimed') IS TRUE
 RETURNING t.task_id, t.fencing_token
 """
+
+
+CLAIM_AND_FINISH_SQL = CLAIM_AND_FINISH_SQL.format(
+    finish=FINISH_MANY_SQL.strip(), claim=CLAIM_RECEIVED_SQL.strip()
+)
 
 
 def _batch_json(rows: list[dict[str, Any]]) -> str:
@@ -525,6 +537,44 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         )
         claimed = {task_id: int(token) for task_id, token in rows}
         return {d.task_id: claimed.get(d.task_id) for d in deliveries}
+
+    def claim_and_finish(
+        self,
+        deliveries: Sequence[Delivery],
+        runs: Sequence[tuple[str, int, str]],
+        *,
+        worker_pk: int,
+        incarnation: uuid.UUID,
+    ) -> tuple[dict[str, int | None], set[tuple[str, int]]]:
+        """:meth:`finish_many` of ``runs`` and :meth:`claim_received` of ``deliveries``,
+        in one statement on PostgreSQL. Returns what each returns."""
+        ids = {d.task_id for d in deliveries}
+        if (
+            not deliveries
+            or not runs
+            or connections[self.db].vendor != "postgresql"
+            or any(run[0] in ids for run in runs)  # one statement must not touch a row twice
+        ):
+            accepted = self.finish_many(runs)
+            return self.claim_received(deliveries, worker_pk=worker_pk, incarnation=incarnation), (
+                accepted
+            )
+        from .conf import settings
+
+        rows = _execute_prepared(
+            self.db,
+            CLAIM_AND_FINISH_SQL,
+            [
+                _batch_json([{"i": i, "k": k, "s": st} for i, k, st in runs]),
+                _batch_json([d.json_row() for d in deliveries]),
+                worker_pk,
+                incarnation,
+                settings.STALE_AFTER,
+            ],
+        )
+        claimed = {task_id: int(token) for kind, task_id, token in rows if kind == "c"}
+        finished = {(task_id, int(token)) for kind, task_id, token in rows if kind == "f"}
+        return {d.task_id: claimed.get(d.task_id) for d in deliveries}, finished
 
     def confirm_claim(
         self, task_id: str, token: int, worker_pk: int, incarnation: uuid.UUID
