@@ -197,9 +197,27 @@ def install_profiler() -> None:
         lambda **_: _add("task", 0.0), weak=False, dispatch_uid="bench.probe.tasks"
     )
     try:
-        from worker_health import dbthread, heartbeat, querysets, tracking
+        from worker_health import (
+            completions,
+            dbthread,
+            gate,
+            heartbeat,
+            loopwriter,
+            querysets,
+            relay,
+            tracking,
+        )
     except Exception:  # the variant without worker_health
         return
+    _wrap(loopwriter.LoopWriter, "_send", "LoopWriter._send (event loop: build, send)")
+    _wrap(loopwriter.LoopWriter, "_on_readable", "LoopWriter._on_readable (event loop: answer)")
+    _wrap(gate.Gate, "__call__", "Gate.__call__ (event loop)")
+    _wrap(gate.Gate, "_on_relayed", "Gate._on_relayed (event loop: read the relay)")
+    _wrap(gate.Gate, "_write_batch", "Gate._write_batch (gate thread)")
+    _wrap(relay.Relay, "send", "Relay.send (pool process)")
+    _wrap(completions, "add", "completions.add (pool process)")
+    _wrap(querysets.TaskQuerySet, "claim_and_finish", "TaskQueue.claim_and_finish")
+    _wrap(querysets.TaskQuerySet, "finish_many", "TaskQueue.finish_many")
     _wrap(dbthread, "call", "dbthread.call (wall, task thread waits)", by_caller=True)
     _wrap(dbthread, "_guarded", "dbthread job (on the db thread)")
     _wrap(querysets.TaskQuerySet, "claim", "TaskQueue.claim")

@@ -517,3 +517,35 @@ def test_loop_mode_hands_over_to_the_thread_at_shutdown(
     g.stop()
     assert TaskQueue.objects.get(task_id="t1").status == "succeeded"
     assert pg_rows()["t1"] == ("claimed", 1)
+
+
+@pytest.mark.parametrize("use_eventloop", [True, False])
+def test_completions_are_relayed_only_with_an_event_loop(
+    identity: WorkerIdentity, use_eventloop: bool
+) -> None:
+    """Without an event loop the gate's thread passes requests to the pool itself and
+    waits there while every pool process is busy: completions must not wait behind it."""
+    from celery.concurrency.prefork import TaskPool
+
+    from worker_health import relay
+    from worker_health.gate import GateStep
+    from worker_health.heartbeat import _identities
+
+    w = SimpleNamespace(
+        hostname=identity.worker_id,
+        pool=TaskPool(limit=1),
+        process_task=lambda req: None,
+        use_eventloop=use_eventloop,
+    )
+    _identities[identity.worker_id] = identity
+    step = GateStep(w)
+    try:
+        step.create(w)
+        g = gate_module.gate_for(identity)
+        assert g is not None
+        assert (g.relay is not None) is use_eventloop
+        assert (relay.current is not None) is use_eventloop
+    finally:
+        gate_module.uninstall(identity)
+        _identities.pop(identity.worker_id, None)
+    assert relay.current is None

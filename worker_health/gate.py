@@ -3,22 +3,28 @@
 Celery hands every request that is due to run to ``WorkController.process_task``, which
 sends it to the pool. The gate sits in front of it (a worker bootstep wraps it before the
 consumer starts): a request of a tracked task is queued in memory and the event loop goes
-on at once. A thread of the worker's main process writes everything queued in one
-statement per batch: the message as delivered (so it can be published again), that this
-worker holds the task, and a new fencing token (:meth:`TaskQuerySet.claim_received`).
-Only after that commit is the request passed on, with its token in the request the pool
-process receives, so the claim is durable before user code runs and the pool process
-makes no database round trip before the task.
+on at once. Everything queued is written in one statement per batch: the message as
+delivered (so it can be published again), that this worker holds the task, and a new
+fencing token (:meth:`TaskQuerySet.claim_received`), together with the completions the
+prefork pool processes relayed meanwhile (:mod:`.relay`,
+:meth:`TaskQuerySet.claim_and_finish`). Only after that commit is the request passed on,
+with its token in the request the pool process receives, so the claim is durable before
+user code runs and the pool process makes no database round trip before the task.
+
+Who writes: on PostgreSQL with psycopg 3 and an event loop (the Redis and AMQP
+transports), the loop itself, without ever waiting (:mod:`.loopwriter`). Otherwise a
+thread of the worker's main process; with an event loop the requests it released go back
+to the loop through a pipe and are sent to the pool on the loop's thread as Celery would;
+without one (kombu's polling transports) the gate's thread sends them to the pool itself,
+as Celery's own timer thread does with ETA tasks there. The loop stops before the pool has
+drained at shutdown: the thread then takes over for the last completions.
 
 A delivery that may not run (the task finished, or a live worker runs it) is acknowledged
 and dropped here, never reaching the pool.
 
-With an event loop (the Redis and AMQP transports) the released requests go back to the
-loop through a pipe, and are sent to the pool on the loop's thread as Celery would. Without
-one (kombu's polling transports) the gate's thread sends them to the pool itself, as
-Celery's own timer thread does with ETA tasks there. The ``solo``, ``eventlet`` and
-``gevent`` pools run tasks on the caller's thread: for them there is no gate, and the pool
-process claims each task itself (:func:`tracking.claim_before_start`).
+The ``solo``, ``eventlet`` and ``gevent`` pools run tasks on the caller's thread: for them
+there is no gate, and the pool process claims each task itself
+(:func:`tracking.claim_before_start`).
 """
 
 from __future__ import annotations
@@ -526,8 +532,12 @@ class GateStep(bootsteps.StartStopStep):
         identity = _identities.get(w.hostname)
         if identity is not None and pool_is_gated(w.pool):
             gate = install(identity, w, request_is_tracked)
-            if type(w.pool).__module__ == "celery.concurrency.prefork":
-                # before the pool forks: its processes inherit the pipe
+            if type(w.pool).__module__ == "celery.concurrency.prefork" and getattr(
+                w, "use_eventloop", False
+            ):
+                # Before the pool forks: its processes inherit the pipe. Not without an
+                # event loop: the gate's thread then passes requests to the pool itself,
+                # and waits there while every pool process is busy (Celery's put locks).
                 gate.relay = relay_module.open_relay()
             self._identity = identity
         return self

@@ -137,6 +137,8 @@ class LoopWriter:
         self.hub = hub
         if self.fd is not None:
             hub.add_reader(self.fd, self._on_readable)
+        # a reset hub dropped its pending callbacks and timers (ours among them)
+        self.scheduled = False
         self.kick()
 
     def _connect_later(self, delay: float) -> None:
