@@ -48,6 +48,8 @@ RECONNECT_FIRST = 0.2
 #: at most this long between reconnection attempts (relayed completions land within it of
 #: the database's return, before the heartbeat's audit looks a second time)
 RECONNECT_MAX = 1.0
+#: how long a batch may gather while the pool has work waiting (see ``LoopWriter._linger``)
+LINGER_BUSY = 0.004
 #: SQLSTATE of "prepared statement does not exist" (a pooler in transaction mode)
 INVALID_STATEMENT_NAME = "26000"
 
@@ -233,10 +235,31 @@ class LoopWriter:
 
     def kick(self) -> None:
         """Something waits to be written: send it once the loop's current turn is over
-        (everything received in the same turn goes in the same batch)."""
+        (everything received in the same turn goes in the same batch), or a little later
+        while every pool process has a task waiting already (see :meth:`_linger`)."""
         if not self.scheduled and not self.closed:
             self.scheduled = True
-            self.hub.call_soon(self._send)
+            delay = self._linger()
+            if delay:
+                self.hub.call_later(delay, self._send)
+            else:
+                self.hub.call_soon(self._send)
+
+    def _linger(self) -> float:
+        """How long the next batch may gather: nothing while the pool could run out of
+        tasks; ``LINGER_BUSY`` while each pool process has at least one more task waiting
+        for it (claimed and passed on), so that waiting costs no pool time. Batches then
+        carry several tasks, and the statement's cost is shared."""
+        from celery.worker import state
+
+        gate = self.gate
+        waiting = (
+            len(state.reserved_requests)
+            - len(state.active_requests)
+            - len(gate._pending)
+            - len(gate.held)
+        )
+        return LINGER_BUSY if waiting >= max(1, gate.concurrency) else 0.0
 
     def _send(self) -> None:
         self.scheduled = False
