@@ -601,3 +601,45 @@ def test_the_loop_writer_lingers_only_while_every_pool_process_has_work_waiting(
         assert writer._linger() == 0.0
     finally:
         writer.close()
+
+
+def test_a_failure_after_the_claims_committed_never_claims_them_twice(
+    identity: WorkerIdentity, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runs that started untracked are finished after the claims commit: if that
+    write fails, the batch is not claimed again (it would find its own claims and drop
+    the tasks as duplicates); the untracked completions are tried again."""
+    from django.db import OperationalError
+
+    from worker_health.querysets import TaskQuerySet
+
+    make_task("default", "was-untracked", status="queued", fencing_token=0)
+    real = TaskQuerySet.finish_untracked
+    failures = {"left": 1}
+
+    def flaky(self: TaskQuerySet, task_ids: Any, status: str) -> int:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("the database is away")
+        return real(self, task_ids, status)
+
+    monkeypatch.setattr(TaskQuerySet, "finish_untracked", flaky)
+    g = Gate(identity, pool, lambda req: True)
+    g.relay = Relay()
+    try:
+        relayed_from_a_pool_process(g.relay, ("was-untracked", UNTRACKED, "succeeded", "SUCCESS"))
+        g._done.extend(g.relay.receive())
+        g(FakeRequest("t1"))  # type: ignore[arg-type]
+        pool.wait_for(1)
+        req = pool.received[0][0]
+        assert req.request_dict[TOKEN_KEY] == 1  # claimed once, passed on
+        assert not req.acked  # not dropped as a duplicate of itself
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if TaskQueue.objects.get(task_id="was-untracked").status == "succeeded":
+                break
+            time.sleep(0.05)
+        assert TaskQueue.objects.get(task_id="was-untracked").status == "succeeded"
+        assert failures["left"] == 0
+    finally:
+        g.stop()

@@ -322,11 +322,11 @@ class Gate:
         done = self._take_due_done()
         for req in batch:
             self.held[req.id] = req
-        tokens, written = self._write(batch, done)
-        if written:
-            self._done_written()
+        tokens, unwritten = self._write(batch, done)
+        if unwritten:
+            self._requeue_done(unwritten)
         else:
-            self._requeue_done(done)
+            self._done_written()
         if not batch:
             return
         claimed_at = time.monotonic()
@@ -345,10 +345,10 @@ class Gate:
 
     def _write(
         self, batch: list[Request], done: list[Relayed]
-    ) -> tuple[dict[str, int | None], bool]:
+    ) -> tuple[dict[str, int | None], list[Relayed]]:
         """Tokens by task id (``None``: must not run; every id ``UNTRACKED`` when the
         database cannot be reached: the tasks run, untracked, rather than not at all), and
-        whether the completions were written."""
+        the completions that could not be written."""
         from .models import TaskQueue
         from .tracking import delivery_from_request
 
@@ -366,7 +366,6 @@ class Gate:
                     worker_pk=pk,
                     incarnation=self.identity.incarnation,
                 )
-                self._finish_untracked(done)
                 if self._failing_since is not None:
                     logger.warning(
                         "worker_health: claims written again after %.1f s",
@@ -374,7 +373,8 @@ class Gate:
                     )
                     self._failing_since = None
                 self._report_stale(done, accepted)
-                return tokens, True
+                # after the claims committed: a failure here must not claim them again
+                return tokens, self._finish_untracked_safely(done)
             except (DatabaseError, InterfaceError) as exc:
                 self._drop_connection()
                 if attempt == 2 and self._failing_since is None:
@@ -389,23 +389,32 @@ class Gate:
                 # hold it (or lose the gate's thread).
                 logger.exception("worker_health: could not claim %d received task(s)", len(batch))
                 return untracked, self._finish_alone(done)
-        return untracked, False
+        return untracked, done
 
-    def _finish_alone(self, done: list[Relayed]) -> bool:
-        """Write completions without claims (after the claims could not be)."""
+    def _finish_alone(self, done: list[Relayed]) -> list[Relayed]:
+        """Write completions without claims (after the claims could not be); returns
+        those that could not be written."""
         from .models import TaskQueue
 
         if not done:
-            return True
+            return []
         try:
             runs = [(c.task_id, c.token, c.status) for c in done if c.token >= 0]
             accepted = TaskQueue.objects.finish_many(runs)
+        except (DatabaseError, InterfaceError):
+            self._drop_connection()
+            return done
+        self._report_stale(done, accepted)
+        return self._finish_untracked_safely(done)
+
+    def _finish_untracked_safely(self, done: list[Relayed]) -> list[Relayed]:
+        """Finish the rows of runs that started untracked; those not written."""
+        try:
             self._finish_untracked(done)
         except (DatabaseError, InterfaceError):
             self._drop_connection()
-            return False
-        self._report_stale(done, accepted)
-        return True
+            return [c for c in done if c.token < 0]
+        return []
 
     def _finish_untracked(self, done: list[Relayed]) -> None:
         from .models import TaskQueue
