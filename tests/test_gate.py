@@ -551,31 +551,6 @@ def test_completions_are_relayed_only_with_an_event_loop(
     assert relay.current is None
 
 
-def test_messages_in_the_gate_do_not_count_against_the_prefetch_window(
-    identity: WorkerIdentity, pool: Pool
-) -> None:
-    from kombu.common import QoS
-
-    applied: list[int] = []
-    qos = QoS(lambda prefetch_count: applied.append(prefetch_count), 8)
-    worker = SimpleNamespace(consumer=SimpleNamespace(qos=qos))
-    g = Gate(identity, pool, lambda req: True)
-    g.worker = worker
-    req = FakeRequest("t1")
-    g._pending.append(req)  # type: ignore[arg-type]
-    g._hold_in_qos(req)  # type: ignore[arg-type]
-    assert qos.value == 9  # the consumer applies it on its next turn
-    g._dispatch(req, 1, time.monotonic())  # type: ignore[arg-type]
-    assert qos.value == 8
-    assert [r.id for r, _, _ in pool.received] == ["t1"]
-    # held across a reconnection: the new consumer's QoS never counted it
-    late = FakeRequest("t2")
-    g._hold_in_qos(late)  # type: ignore[arg-type]
-    worker.consumer = SimpleNamespace(qos=QoS(lambda prefetch_count: None, 8))
-    g._dispatch(late, 1, time.monotonic())  # type: ignore[arg-type]
-    assert worker.consumer.qos.value == 8 and qos.value == 9
-
-
 def test_the_loop_writer_lingers_only_while_every_pool_process_has_work_waiting(
     identity: WorkerIdentity, pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

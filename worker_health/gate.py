@@ -57,8 +57,6 @@ logger = logging.getLogger("worker_health")
 #: keys added to the request the pool process receives
 TOKEN_KEY = "worker_health_token"
 CLAIMED_AT_KEY = "worker_health_claimed_at"
-#: the attribute of a request in the gate: the consumer QoS its hold was counted in
-QOS_KEY = "_worker_health_qos"
 #: the token of a run that is not tracked (the database was unreachable)
 UNTRACKED = -1
 
@@ -111,8 +109,6 @@ class Gate:
         self.writer: LoopWriter | None = None
         #: the pool's processes (threads), for the loop writer's linger
         self.concurrency = 0
-        #: the worker (its consumer's prefetch count grows by what the gate holds)
-        self.worker: Any = None
 
     # -- on the event loop --------------------------------------------------------------
 
@@ -120,31 +116,11 @@ class Gate:
         if self._stopped or not self.is_tracked(req):
             return self.process_task(req)
         self._pending.append(req)
-        self._hold_in_qos(req)
         if self.writer is not None:
             self.writer.kick()
         else:
             self._wake()
         return None
-
-    def _hold_in_qos(self, req: Request) -> None:
-        """A message in the gate does not count against the prefetch window: the pool
-        keeps as many tasks waiting as Celery would give it (as Celery does with a task
-        held for its ETA). The consumer applies the change on its next turn."""
-        qos: Any = getattr(getattr(self.worker, "consumer", None), "qos", None)
-        if qos is not None:
-            qos.increment_eventually()
-            setattr(req, QOS_KEY, qos)
-
-    def _release_from_qos(self, req: Request) -> None:
-        qos: Any = getattr(req, QOS_KEY, None)
-        if qos is None:
-            return
-        setattr(req, QOS_KEY, None)
-        # not after a reconnection: the consumer's new QoS never counted this one
-        current: Any = getattr(getattr(self.worker, "consumer", None), "qos", None)
-        if current is not None and qos is current:
-            current.decrement_eventually()
 
     def start(self) -> None:
         if self._thread is None:
@@ -204,7 +180,6 @@ class Gate:
         """Pass one request on (or drop it as a duplicate); never raises, so that one bad
         request cannot stop the loop or the gate's thread."""
         self.held.pop(req.id, None)
-        self._release_from_qos(req)
         try:
             if token is None:
                 self._drop_duplicate(req)
@@ -541,7 +516,6 @@ def gate_for(identity: WorkerIdentity | None) -> Gate | None:
 def install(identity: WorkerIdentity, w: Any, is_tracked: Callable[[Request], bool]) -> Gate:
     gate = Gate(identity, w.process_task, is_tracked)
     gate.concurrency = int(getattr(w, "concurrency", 0) or 0)
-    gate.worker = w
     w.process_task = gate
     _gates[identity.worker_id] = gate
     return gate
