@@ -34,7 +34,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 
 from . import dbthread
 from .conf import settings
-from .durability import prepares
+from .durability import prepares, session_settings
 
 if TYPE_CHECKING:
     from celery.worker.request import Request
@@ -92,9 +92,8 @@ def _open_connection(alias: str) -> Any:
     wrapper.ensure_connection()
     raw = wrapper.connection
     raw.autocommit = True
-    raw.execute("SET plan_cache_mode TO force_generic_plan")
-    if not settings.SYNCHRONOUS_COMMIT:
-        raw.execute("SET synchronous_commit TO OFF")
+    for statement in session_settings(alias):
+        raw.execute(statement)
     if prepares(alias):
         from psycopg import pq
 

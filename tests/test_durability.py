@@ -1,0 +1,106 @@
+"""worker_health.durability: the settings of worker_health's own database connections."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connections
+
+from tests.factories import ALIASES
+from worker_health import durability
+from worker_health.loopwriter import _dollar
+from worker_health.querysets import CLAIM_AND_FINISH_SQL, FINISH_MANY_SQL
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+POSTGRES_ONLY = [param for param in ALIASES if param.id == "postgres"]
+
+
+def _fill(alias: str, rows: int) -> None:
+    """``rows`` finished tasks, analysed: a table small enough that the planner, left to
+    itself, scans it whole for every batch."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO task_queue (task_id, task_name, status, queue, exchange, routing_key,"
+            " content_type, content_encoding, headers, properties, fencing_token,"
+            " reclaim_count, publish_attempts, lost_on, created_at, updated_at)"
+            " SELECT 'fill-' || n, 'demo.tasks.work', 'succeeded', 'q', '', 'q', '', '',"
+            " '{}', '{}', 1, 0, 0, '[]', now(), now() FROM generate_series(1, %s) AS n",
+            [rows],
+        )
+        cursor.execute("ANALYZE task_queue")
+
+
+def _generic_plan(alias: str, sql: str, types: str, args: str) -> str:
+    with connections[alias].cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+        cursor.execute(f"PREPARE wh_plan({types}) AS " + _dollar(sql).decode())
+        cursor.execute(f"EXPLAIN EXECUTE wh_plan({args})")
+        return "\n".join(row[0] for row in cursor.fetchall())
+
+
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_hot_path_statements_look_tasks_up_by_index_on_a_small_table(alias: str) -> None:
+    """Without the planner settings, a batch is hash-joined to a sequential scan of the
+    whole table (a cost that grows with the table); with them, each task is an index
+    lookup whatever the table's size and statistics."""
+    connections[alias].close()
+    _fill(alias, 3000)
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SET plan_cache_mode TO force_generic_plan")
+    untuned = _generic_plan(alias, FINISH_MANY_SQL, "json", "'[]'")
+    assert "Seq Scan on task_queue" in untuned, untuned  # what the settings are for
+
+    connections[alias].close()
+    durability.relax_connection(alias)
+    finish = _generic_plan(alias, FINISH_MANY_SQL, "json", "'[]'")
+    both = _generic_plan(
+        alias,
+        CLAIM_AND_FINISH_SQL,
+        "json, json, bigint, uuid, float8",
+        "'[]', '[]', 1, '00000000-0000-0000-0000-000000000000', 60",
+    )
+    for plan in (finish, both):
+        assert "Seq Scan on task_queue" not in plan, plan
+        assert "Hash Join" not in plan, plan
+        assert "wh_task_id_uniq" in plan, plan
+
+
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_planner_settings_stay_off_behind_a_transaction_pooler(alias: str) -> None:
+    """``prepare_threshold: None`` says a pooler in transaction mode may be in between:
+    session settings would reach other clients' transactions there."""
+    options = connections[alias].settings_dict.setdefault("OPTIONS", {})
+    options["prepare_threshold"] = None
+    try:
+        assert not any("enable_" in s for s in durability.session_settings(alias))
+        connections[alias].close()
+        durability.relax_connection(alias)
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SHOW enable_seqscan")
+            assert cursor.fetchone()[0] == "on"
+    finally:
+        del options["prepare_threshold"]
+        connections[alias].close()
+    durability.relax_connection(alias)
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SHOW enable_seqscan")
+        assert cursor.fetchone()[0] == "off"
+
+
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_the_loop_writer_connection_gets_the_same_settings(alias: str) -> None:
+    from worker_health.loopwriter import _open_connection
+
+    raw = _open_connection(alias)
+    try:
+        shown = {
+            name: raw.execute(f"SHOW {name}").fetchone()[0]
+            for name in ("enable_seqscan", "enable_hashjoin", "plan_cache_mode")
+        }
+    finally:
+        raw.close()
+    assert shown == {
+        "enable_seqscan": "off",
+        "enable_hashjoin": "off",
+        "plan_cache_mode": "force_generic_plan",
+    }
