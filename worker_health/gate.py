@@ -161,8 +161,10 @@ class Gate:
     def _on_relayed(self, *_: Any) -> None:
         """Completions from the pool processes (loop mode)."""
         if self.relay is not None and self.writer is not None:
-            self._done.extend(self.relay.receive())
-            self.writer.kick()
+            got = self.relay.receive()
+            if got:
+                self._done.extend(got)
+                self.writer.kick()
 
     def _on_wakeup(self, *_: Any) -> None:
         assert self._pipe is not None
