@@ -92,6 +92,16 @@ def gate(identity: WorkerIdentity, pool: Pool) -> Iterator[Gate]:
     g.stop()
 
 
+@pytest.fixture
+def relay_gate(identity: WorkerIdentity, pool: Pool) -> Iterator[Gate]:
+    """A gate whose pool processes relay their completions (thread mode)."""
+    g = Gate(identity, pool, lambda req: True)
+    g.relay = Relay()
+    g.start()
+    yield g
+    g.stop()
+
+
 def test_untracked_requests_go_straight_to_the_pool(gate: Gate, pool: Pool) -> None:
     req = FakeRequest("u1", name="untracked.job")
     gate(req)  # type: ignore[arg-type]
@@ -268,51 +278,42 @@ def relayed_from_a_pool_process(relay: Relay, *runs: tuple[str, int, str, str]) 
 
 
 def test_relayed_completions_are_written_with_the_next_claims(
-    identity: WorkerIdentity, pool: Pool
+    relay_gate: Gate, pool: Pool
 ) -> None:
-    g = Gate(identity, pool, lambda req: True)
-    g.relay = Relay()
-    g.start()
-    try:
-        g(FakeRequest("t1"))  # type: ignore[arg-type]
-        pool.wait_for(1)
-        token = pool.received[0][0].request_dict[TOKEN_KEY]
-        relayed_from_a_pool_process(g.relay, ("t1", token, "succeeded", "SUCCESS"))
-        g(FakeRequest("t2"))  # type: ignore[arg-type]
-        pool.wait_for(2)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if TaskQueue.objects.get(task_id="t1").status == "succeeded":
-                break
-            time.sleep(0.02)
-        statuses = dict(TaskQueue.objects.values_list("task_id", "status"))
-        assert statuses == {"t1": "succeeded", "t2": "claimed"}
-    finally:
-        g.stop()
+    g = relay_gate
+    assert g.relay is not None
+    g(FakeRequest("t1"))  # type: ignore[arg-type]
+    pool.wait_for(1)
+    token = pool.received[0][0].request_dict[TOKEN_KEY]
+    relayed_from_a_pool_process(g.relay, ("t1", token, "succeeded", "SUCCESS"))
+    g(FakeRequest("t2"))  # type: ignore[arg-type]
+    pool.wait_for(2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if TaskQueue.objects.get(task_id="t1").status == "succeeded":
+            break
+        time.sleep(0.02)
+    statuses = dict(TaskQueue.objects.values_list("task_id", "status"))
+    assert statuses == {"t1": "succeeded", "t2": "claimed"}
 
 
 def test_a_relayed_completion_of_a_reclaimed_run_is_stale_and_changes_nothing(
-    identity: WorkerIdentity, pool: Pool
+    relay_gate: Gate,
 ) -> None:
     make_task("default", "cut", status="claimed", fencing_token=5)
-    g = Gate(identity, pool, lambda req: True)
-    g.relay = Relay()
-    g.start()
-    try:
-        relayed_from_a_pool_process(g.relay, ("cut", 4, "succeeded", "SUCCESS"))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if WorkerEvent.objects.filter(kind=EventKind.STALE_COMPLETION, task_id="cut"):
-                break
-            time.sleep(0.02)
-        assert WorkerEvent.objects.filter(kind=EventKind.STALE_COMPLETION, task_id="cut").exists()
-        assert TaskQueue.objects.get(task_id="cut").status == "claimed"
-    finally:
-        g.stop()
+    assert relay_gate.relay is not None
+    relayed_from_a_pool_process(relay_gate.relay, ("cut", 4, "succeeded", "SUCCESS"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if WorkerEvent.objects.filter(kind=EventKind.STALE_COMPLETION, task_id="cut"):
+            break
+        time.sleep(0.02)
+    assert WorkerEvent.objects.filter(kind=EventKind.STALE_COMPLETION, task_id="cut").exists()
+    assert TaskQueue.objects.get(task_id="cut").status == "claimed"
 
 
 def test_relayed_completions_wait_out_a_database_error_and_are_written_after(
-    identity: WorkerIdentity, pool: Pool, monkeypatch: pytest.MonkeyPatch
+    relay_gate: Gate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from django.db import OperationalError
 
@@ -329,35 +330,41 @@ def test_relayed_completions_wait_out_a_database_error_and_are_written_after(
         return real(self, runs)
 
     monkeypatch.setattr(TaskQuerySet, "finish_many", flaky)
-    g = Gate(identity, pool, lambda req: True)
-    g.relay = Relay()
-    g.start()
-    try:
-        relayed_from_a_pool_process(g.relay, ("t1", 1, "succeeded", "SUCCESS"))
-        assert "t1" in wait_for_value(lambda: g.in_flight())  # held while unwritten
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if TaskQueue.objects.get(task_id="t1").status == "succeeded":
-                break
-            time.sleep(0.05)
-        assert TaskQueue.objects.get(task_id="t1").status == "succeeded"
-        assert failures["left"] == 0
-        assert "t1" not in g.in_flight()
-    finally:
-        g.stop()
+    g = relay_gate
+    assert g.relay is not None
+    relayed_from_a_pool_process(g.relay, ("t1", 1, "succeeded", "SUCCESS"))
+    assert "t1" in wait_for_value(lambda: g.in_flight())  # held while unwritten
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if TaskQueue.objects.get(task_id="t1").status == "succeeded":
+            break
+        time.sleep(0.05)
+    assert TaskQueue.objects.get(task_id="t1").status == "succeeded"
+    assert failures["left"] == 0
+    assert "t1" not in g.in_flight()
 
 
-def test_stop_writes_what_the_pool_relayed_while_it_drained(
-    identity: WorkerIdentity, pool: Pool
-) -> None:
+def test_stop_writes_what_the_pool_relayed_while_it_drained(relay_gate: Gate) -> None:
     make_task("default", "t1", status="claimed", fencing_token=2)
-    g = Gate(identity, pool, lambda req: True)
-    g.relay = Relay()
-    g.start()
+    g = relay_gate
+    assert g.relay is not None
     g.close_intake()  # the consumer stopped; the pool still finishes its tasks
     relayed_from_a_pool_process(g.relay, ("t1", 2, "failed", "FAILURE"))
     g.stop()
     assert TaskQueue.objects.get(task_id="t1").status == "failed"
+
+
+def test_stop_closes_the_gate_pipes_once_its_thread_is_gone(relay_gate: Gate) -> None:
+    g = relay_gate
+    g.register_with_event_loop(Hub())  # the release pipe too
+    fds = [g._wake_r, g._wake_w, *(g._pipe or ())]
+    g(FakeRequest("t1"))  # type: ignore[arg-type]
+    g.stop()
+    assert g._thread is not None and not g._thread.is_alive()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    g._wake()  # after stop: nothing to wake, and no write to a closed (or reused) fd
 
 
 def wait_for_value(fn: Any, timeout: float = 5.0) -> Any:
@@ -618,3 +625,37 @@ def test_a_failure_after_the_claims_committed_never_claims_them_twice(
         assert failures["left"] == 0
     finally:
         g.stop()
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_loop_mode_finishes_untracked_runs_again_after_a_database_error(
+    alias: str, loop_gate: tuple[Gate, LoopThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that started untracked (the database was down) ends: its row is finished on
+    the database thread, and tried again after a back-off when that fails."""
+    from django.db import OperationalError
+
+    from worker_health.querysets import TaskQuerySet
+
+    g, _ = loop_gate
+    assert g.relay is not None
+    make_task("default", "u1", status="queued")  # the database thread's (SQLite here)
+    real = TaskQuerySet.finish_untracked
+    failures = {"left": 2}
+
+    def flaky(self: TaskQuerySet, task_ids: Any, status: str) -> int:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("the database is away")
+        return real(self, task_ids, status)
+
+    monkeypatch.setattr(TaskQuerySet, "finish_untracked", flaky)
+    relayed_from_a_pool_process(g.relay, ("u1", UNTRACKED, "succeeded", "SUCCESS"))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if TaskQueue.objects.get(task_id="u1").status == "succeeded":
+            break
+        time.sleep(0.05)
+    assert TaskQueue.objects.get(task_id="u1").status == "succeeded"
+    assert failures["left"] == 0

@@ -132,6 +132,8 @@ class Gate:
                     self._thread.start()
 
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return  # stopped for good
         if self._thread is None:
             self.start()
         if not self._awake:
@@ -478,7 +480,17 @@ class Gate:
                 relay_module.close_relay()
             else:
                 self.relay.close()
+        if self._thread is None or not self._thread.is_alive():
+            self._close_pipes()
         return list(self.held)
+
+    def _close_pipes(self) -> None:
+        fds = [self._wake_r, self._wake_w, *(self._pipe or ())]
+        self._wake_r = self._wake_w = -1
+        self._pipe = None
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _forget(req: Request) -> None:

@@ -306,7 +306,7 @@ class LoopWriter:
         runs = [{"i": c.task_id, "k": c.token, "s": c.status} for c in done if c.token >= 0]
         untracked = [c for c in done if c.token < 0]
         if untracked:  # rare (runs that started while the database was down)
-            dbthread.submit(lambda: self.gate._finish_untracked(untracked))
+            dbthread.submit(lambda: self._finish_untracked(untracked))
         claim = [
             _batch_json([delivery_from_request(req).json_row() for req in batch]).encode(),
             str(self.worker_pk).encode(),
@@ -318,6 +318,13 @@ class LoopWriter:
         if batch:
             return "claim", claim
         return "finish", [_batch_json(runs).encode()]
+
+    def _finish_untracked(self, untracked: list[Relayed]) -> None:
+        """On the database thread: the rows of runs that started untracked; tried again
+        after a back-off when the database fails."""
+        failed = self.gate._finish_untracked_safely(untracked)
+        if failed:
+            self._call_on_loop(self.gate._requeue_done, failed)
 
     def _on_writable(self, *_: Any) -> None:
         if self.raw is None:
@@ -365,14 +372,12 @@ class LoopWriter:
             return
         tokens: dict[str, int | None] = {}
         accepted: set[tuple[str, int]] = set()
+        # "both" tags its rows ('c'laim / 'f'inish); the others return (task id, token)
+        untagged = b"c" if kind == "claim" else b"f"
         for row in range(result.ntuples):
-            if kind == "both":
-                tag, task_id, token = (result.get_value(row, col) for col in range(3))
-            else:
-                tag, (task_id, token) = (
-                    (b"c" if kind == "claim" else b"f"),
-                    (result.get_value(row, col) for col in range(2)),
-                )
+            values = [result.get_value(row, col) for col in range(result.nfields)]
+            tag = values[0] if kind == "both" else untagged
+            task_id, token = values[-2], values[-1]
             assert task_id is not None and token is not None
             if tag == b"c":
                 tokens[task_id.decode()] = int(token)
