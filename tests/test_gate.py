@@ -277,9 +277,7 @@ def relayed_from_a_pool_process(relay: Relay, *runs: tuple[str, int, str, str]) 
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_relayed_completions_are_written_with_the_next_claims(
-    relay_gate: Gate, pool: Pool
-) -> None:
+def test_relayed_completions_are_written_with_the_next_claims(relay_gate: Gate, pool: Pool) -> None:
     g = relay_gate
     assert g.relay is not None
     g(FakeRequest("t1"))  # type: ignore[arg-type]
