@@ -1,13 +1,15 @@
-"""What each tracking write costs on its own, and what the proposed alternatives would cost.
+"""What each tracking write costs on its own.
 
     python -m bench.tracking_costs            # creates (and drops) a database of its own
     python -m bench.throughput --profile      # runs this too, after the profiled runs
 
-One process, one connection, no contention: each step is run ``--n`` times in a row and
-reported as the median wall time per call, the CPU time of the calling thread (Django's
-ORM and psycopg), the SQL statements it sends and the time spent waiting for them.
-The "proposal" rows are prototypes written here in SQL, to size the gains; worker_health
-itself is not changed.
+One process, one connection, no contention: each step is run ``--n`` times in a row (the
+gate's steps over at least 2,000 tasks) and reported as the median wall time per call, the
+CPU time of the calling thread (Django's ORM and psycopg), the SQL statements it sends, the
+time spent waiting for them, and the CPU time of the PostgreSQL backend serving it (read
+from /proc: only when the server runs on this host). The gate's steps run on a connection
+tuned as worker_health's own (:func:`worker_health.durability.relax_connection`), once more
+with PostgreSQL's default planner settings to show what :data:`INDEX_PLANS` is for.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .common import bench_database, clean_env, print_machine, table
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -104,54 +109,35 @@ def sample_delivery(task_id: str) -> Any:
     )
 
 
-CLAIM_SQL = """
-UPDATE task_queue SET status = 'claimed', claimed_by_id = %(worker)s,
-    claimed_incarnation = %(inc)s, claimed_at = now(), fencing_token = fencing_token + 1,
-    reclaim_lease = NULL, updated_at = now()
-WHERE task_id = %(task_id)s AND (
-    status IN ('queued', 'reserved', 'reclaiming')
-    OR (status = 'claimed' AND NOT EXISTS (
-        SELECT 1 FROM worker_registry w
-        WHERE w.id = task_queue.claimed_by_id AND w.incarnation = task_queue.claimed_incarnation
-          AND (w.status = 'active' OR (w.status = 'offline'
-               AND w.last_heartbeat >= now() - interval '60 seconds')))))
-RETURNING fencing_token
-"""
+def backend_cpu_seconds() -> float | None:
+    """CPU time of the PostgreSQL backend serving Django's connection (``None`` when the
+    server is not on this host)."""
+    from django.db import connection
 
-FINISH_BATCH_SQL = """
-UPDATE task_queue AS t SET status = v.status, finished_at = now(), updated_at = now()
-FROM (VALUES {values}) AS v(task_id, token, status)
-WHERE t.task_id = v.task_id AND t.status = 'claimed' AND t.fencing_token = v.token
-RETURNING t.task_id
-"""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
-RESERVE_ONE_STATEMENT_SQL = """
-INSERT INTO task_queue (task_id, task_name, status, queue, exchange, routing_key, body,
-    content_type, content_encoding, headers, properties, claimed_by_id, claimed_incarnation,
-    claimed_at, fencing_token, reclaim_count, publish_attempts, lost_on, created_at,
-    updated_at)
-SELECT v.task_id, v.task_name, 'reserved', v.queue, '', v.queue, v.body, 'application/json',
-    'utf-8', v.headers::jsonb, '{{}}'::jsonb, %s, %s, now(), 0, 0, 0, '[]'::jsonb, now(), now()
-FROM (VALUES {values}) AS v(task_id, task_name, queue, body, headers)
-ON CONFLICT (task_id) DO UPDATE SET
-    body = EXCLUDED.body, headers = EXCLUDED.headers, updated_at = now(),
-    status = CASE WHEN task_queue.status IN ('queued', 'reclaiming') THEN 'reserved'
-                  ELSE task_queue.status END,
-    claimed_by_id = CASE WHEN task_queue.status IN ('queued', 'reclaiming')
-                  THEN EXCLUDED.claimed_by_id ELSE task_queue.claimed_by_id END,
-    claimed_incarnation = CASE WHEN task_queue.status IN ('queued', 'reclaiming')
-                  THEN EXCLUDED.claimed_incarnation ELSE task_queue.claimed_incarnation END,
-    claimed_at = CASE WHEN task_queue.status IN ('queued', 'reclaiming')
-                  THEN now() ELSE task_queue.claimed_at END
-"""
+
+def with_backend_cpu(fn: Callable[[], list[str]], tasks: int) -> list[str]:
+    """``fn``'s row, with the PostgreSQL CPU per task spent meanwhile."""
+    before = backend_cpu_seconds()
+    result = fn()
+    after = backend_cpu_seconds()
+    cpu = "n/a" if before is None or after is None else f"{(after - before) / tasks * 1e6:.0f}"
+    return [*result[:-1], cpu, result[-1]]
 
 
 def run_costs(n: int) -> str:
-    import json
-
     from django.db import connection
 
     from worker_health import dbthread
+    from worker_health.durability import INDEX_PLANS, relax_connection
     from worker_health.models import TaskQueue, WorkerRegistry
 
     inc = uuid.uuid4()
@@ -160,12 +146,11 @@ def run_costs(n: int) -> str:
     ).worker
     rows: list[list[str]] = []
     prefix = uuid.uuid4().hex[:6]
+    #: enough tasks for PostgreSQL's CPU (read in 10 ms ticks) to mean something
+    many = max(n, 2000)
 
-    def ids(tag: str) -> list[str]:
-        return [f"{prefix}-{tag}-{i}" for i in range(n)]
-
-    def publish_rows(tag: str) -> list[str]:
-        task_ids = ids(tag)
+    def publish_rows(tag: str, count: int) -> list[str]:
+        task_ids = [f"{prefix}-{tag}-{i}" for i in range(count)]
         for task_id in task_ids:
             TaskQueue.objects.record_published(
                 task_id=task_id, task_name="noop", queue="celery", eta=None, expires=None
@@ -185,253 +170,115 @@ def run_costs(n: int) -> str:
             cursor.execute("SELECT n FROM bench_commit WHERE id = 1")
             cursor.fetchone()
 
-    rows.append(row("round trip: SELECT by primary key", measure(select_one, n)))
-    rows.append(row("commit: 1-row UPDATE in autocommit (WAL flush)", measure(bump, n)))
+    def timed(
+        name: str,
+        fn: Callable[[int], Any],
+        calls: int,
+        per: int = 1,
+        note: str = "",
+        statements: int = 0,
+    ) -> None:
+        """``statements``: per call, when they bypass Django's cursor (the gate's
+        prepared statements go through psycopg directly)."""
+
+        def measured() -> list[str]:
+            meter = measure(fn, calls, per=per)
+            meter.statements += statements * calls
+            return row(name, meter, per, note)
+
+        rows.append(with_backend_cpu(measured, calls * per))
+
+    timed("round trip: SELECT by primary key", select_one, n)
+    timed("commit: 1-row UPDATE in autocommit (WAL flush)", bump, n)
     with connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit TO off")
-    rows.append(row("commit: same, synchronous_commit=off", measure(bump, n), note="proposal P2"))
+    timed("commit: same, synchronous_commit=off", bump, n, note="worker_health's own connections")
     with connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit TO on")
 
     # -- publisher ------------------------------------------------------------------------
-    pub_ids = ids("pub")
-    rows.append(
-        row(
-            "publish: record_published (1 INSERT, own commit)",
-            measure(
-                lambda i: TaskQueue.objects.record_published(
-                    task_id=pub_ids[i], task_name="noop", queue="celery", eta=None, expires=None
-                ),
-                n,
-            ),
-        )
+    pub_ids = [f"{prefix}-pub-{i}" for i in range(n)]
+    timed(
+        "publish: record_published (1 statement, its own relaxed commit)",
+        lambda i: TaskQueue.objects.record_published(
+            task_id=pub_ids[i], task_name="noop", queue="celery", eta=None, expires=None
+        ),
+        n,
     )
 
-    # -- main process: reserve ----------------------------------------------------------------
-    for size in (1, 8, 64):
-        batches = max(4, n // size) if size > 1 else n
-        task_ids = [f"{prefix}-res{size}-{i}" for i in range(batches * size)]
-        for task_id in task_ids:  # as after the publisher's insert
-            TaskQueue.objects.record_published(
-                task_id=task_id, task_name="noop", queue="celery", eta=None, expires=None
-            )
+    # -- the gate: claims of a batch with the completions of the one before ---------------
+    def gate_step(tag: str, size: int, note: str = "") -> None:
+        task_ids = publish_rows(f"{tag}{size}", many)
+        batches = len(task_ids) // size
+        done: list[tuple[str, int, str]] = []
 
-        def reserve(b: int, size: int = size, task_ids: list[str] = task_ids) -> None:
+        def step(b: int) -> None:
+            nonlocal done
             batch = task_ids[b * size : (b + 1) * size]
-            TaskQueue.objects.reserve([sample_delivery(t) for t in batch], worker.pk, inc)
-
-        meter = measure(reserve, batches, per=size)
-        rows.append(row(f"receive: reserve, batch of {size} (per task)", meter, per=size))
-
-    for size in (1, 8):
-        batches = max(4, n // size) if size > 1 else n
-        task_ids = [f"{prefix}-res1s{size}-{i}" for i in range(batches * size)]
-        for task_id in task_ids:
-            TaskQueue.objects.record_published(
-                task_id=task_id, task_name="noop", queue="celery", eta=None, expires=None
+            tokens, _ = TaskQueue.objects.claim_and_finish(
+                [sample_delivery(t) for t in batch], done, worker_pk=worker.pk, incarnation=inc
             )
+            done = [(t, tokens[t] or 0, "succeeded") for t in batch]
 
-        def reserve_one_statement(b: int, size: int = size, task_ids: list[str] = task_ids) -> None:
-            batch = task_ids[b * size : (b + 1) * size]
-            values = ", ".join(["(%s, %s, %s, %s::bytea, %s)"] * len(batch))
-            params: list[Any] = [worker.pk, inc]
-            for t in batch:
-                d = sample_delivery(t)
-                params += [t, d.task_name, d.queue, d.body, json.dumps(d.headers)]
-            with connection.cursor() as cursor:
-                cursor.execute(RESERVE_ONE_STATEMENT_SQL.format(values=values), params)
-
-        rows.append(
-            row(
-                f"receive: one upsert statement, batch of {size} (per task)",
-                measure(reserve_one_statement, batches, per=size),
-                per=size,
-                note="proposal P3",
-            )
+        timed(
+            f"gate: claim_and_finish, batch of {size} (per task: its claim and its finish)",
+            step,
+            batches,
+            per=size,
+            note=note,
+            statements=1,
         )
+        TaskQueue.objects.finish_many(done)
 
-    # -- pool process: claim and finish ----------------------------------------------------------
-    claim_ids = publish_rows("claim")
+    connection.close()
+    relax_connection()  # as on the gate's thread: prepared, index plans, relaxed commits
+    for size in (1, 4, 8):
+        gate_step("gate", size)
+    with connection.cursor() as cursor:
+        for statement in INDEX_PLANS:
+            cursor.execute(statement.replace(" off", " on"))
+    gate_step(
+        "planner", 4, note="Django's default planner settings: a hash join over the whole table"
+    )
+    connection.close()
+
+    # -- a pool process that claims for itself (solo, eventlet and gevent pools) ------------
+    claim_ids = publish_rows("claim", n)
     tokens: dict[str, int | None] = {}
 
-    def claim(i: int) -> None:
-        tokens[claim_ids[i]] = TaskQueue.objects.claim(
-            task_id=claim_ids[i], task_name="noop", queue="celery", worker_pk=worker.pk,
+    def claim_and_finish_alone(i: int) -> None:
+        task_id = claim_ids[i]
+        tokens[task_id] = TaskQueue.objects.claim(
+            task_id=task_id, task_name="noop", queue="celery", worker_pk=worker.pk,
             incarnation=inc,
         )  # fmt: skip
+        TaskQueue.objects.finish_many([(task_id, tokens[task_id] or 0, "succeeded")])
 
-    rows.append(row("claim: TaskQueue.claim (UPDATE + SELECT)", measure(claim, n)))
-    finish_ids = claim_ids
-    rows.append(
-        row(
-            "finish: TaskQueue.finish (UPDATE)",
-            measure(
-                lambda i: TaskQueue.objects.finish(
-                    finish_ids[i], tokens[finish_ids[i]] or 0, "succeeded"
-                ),
-                n,
-            ),
-        )
+    relax_connection()
+    timed(
+        "solo pool: TaskQueue.claim, then finish_many of one (per task)",
+        claim_and_finish_alone,
+        n,
+        note="no gate: the pool process claims each task itself",
     )
-
-    raw_ids = publish_rows("rawclaim")
-
-    def raw_claim(i: int) -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(CLAIM_SQL, {"worker": worker.pk, "inc": inc, "task_id": raw_ids[i]})
-            cursor.fetchone()
-
-    rows.append(
-        row(
-            "claim: one UPDATE .. RETURNING fencing_token",
-            measure(raw_claim, n),
-            note="proposal P1",
-        )
-    )
-    with connection.cursor() as cursor:
-        cursor.execute("SET synchronous_commit TO off")
-    raw_ids2 = publish_rows("rawclaim2")
-
-    def raw_claim2(i: int) -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(CLAIM_SQL, {"worker": worker.pk, "inc": inc, "task_id": raw_ids2[i]})
-            cursor.fetchone()
-
-    rows.append(
-        row(
-            "claim: UPDATE .. RETURNING, synchronous_commit=off",
-            measure(raw_claim2, n),
-            note="proposals P1+P2",
-        )
-    )
-    rows.append(
-        row(
-            "finish: TaskQueue.finish, synchronous_commit=off",
-            measure(lambda i: TaskQueue.objects.finish(raw_ids2[i], 1, "succeeded"), n),
-            note="proposal P2",
-        )
-    )
-    with connection.cursor() as cursor:
-        cursor.execute("SET synchronous_commit TO on")
-
-    batch_ids = publish_rows("batchfinish")
-    for i in range(n):
-        with connection.cursor() as cursor:
-            cursor.execute(CLAIM_SQL, {"worker": worker.pk, "inc": inc, "task_id": batch_ids[i]})
-    size = 8
-
-    def finish_batch(b: int) -> None:
-        batch = batch_ids[b * size : (b + 1) * size]
-        values = ", ".join(["(%s, %s::int, %s)"] * len(batch))
-        params: list[Any] = []
-        for t in batch:
-            params += [t, 1, "succeeded"]
-        with connection.cursor() as cursor:
-            cursor.execute(FINISH_BATCH_SQL.format(values=values), params)
-            cursor.fetchall()
-
-    rows.append(
-        row(
-            f"finish: batch of {size} in one UPDATE .. FROM VALUES (per task)",
-            measure(finish_batch, n // size, per=size),
-            per=size,
-            note="proposal P4",
-        )
-    )
-
-    # -- index maintenance: the same writes on a copy of the table with fewer indexes -------------
-    with connection.cursor() as cursor:
-        cursor.execute("DROP TABLE IF EXISTS task_queue_lean")
-        cursor.execute("CREATE TABLE task_queue_lean (LIKE task_queue INCLUDING DEFAULTS)")
-        cursor.execute("ALTER TABLE task_queue_lean ADD PRIMARY KEY (id)")
-        cursor.execute("ALTER TABLE task_queue_lean ADD UNIQUE (task_id)")
-        cursor.execute(
-            "CREATE INDEX ON task_queue_lean (claimed_by_id, status) "
-            "WHERE status IN ('reserved', 'claimed')"
-        )
-        cursor.execute("CREATE INDEX ON task_queue_lean (status, finished_at)")
-        cursor.execute("INSERT INTO task_queue_lean SELECT * FROM task_queue")
-        cursor.execute("ANALYZE task_queue_lean")
-    lean_ids = publish_rows("lean")
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO task_queue_lean SELECT * FROM task_queue WHERE task_id LIKE %s",
-            [f"{prefix}-lean-%"],
-        )
-
-    def claim_finish(table_name: str, task_ids: list[str]) -> Callable[[int], None]:
-        claim_sql = CLAIM_SQL.replace("UPDATE task_queue", f"UPDATE {table_name}").replace(
-            "task_queue.", f"{table_name}."
-        )
-        finish_sql = (
-            f"UPDATE {table_name} SET status = 'succeeded', finished_at = now(), "
-            "updated_at = now() WHERE task_id = %s AND status = 'claimed' AND fencing_token = %s"
-        )
-
-        def run(i: int) -> None:
-            with connection.cursor() as cursor:
-                cursor.execute(claim_sql, {"worker": worker.pk, "inc": inc, "task_id": task_ids[i]})
-                token = cursor.fetchone()
-                cursor.execute(finish_sql, [task_ids[i], token[0] if token else 0])
-
-        return run
-
-    full_ids = publish_rows("full")
-    rows.append(
-        row(
-            "claim + finish in SQL, task_queue as migrated (8 indexes)",
-            measure(claim_finish("task_queue", full_ids), n),
-        )
-    )
-    rows.append(
-        row(
-            "claim + finish in SQL, without the _like, task_name and (status, updated_at) "
-            "indexes (4 left)",
-            measure(claim_finish("task_queue_lean", lean_ids), n),
-            note="proposal P5",
-        )
-    )
-    with connection.cursor() as cursor:
-        cursor.execute("DROP TABLE task_queue_lean")
 
     # -- the hand-off to the db thread ----------------------------------------------------------
-    rows.append(
-        row(
-            "dbthread.call(lambda: None): hand-off round trip",
-            measure(lambda i: dbthread.call(lambda: None), n),
-        )
-    )
-    hand_ids = publish_rows("handoff")
-
-    def claim_via_thread(i: int) -> None:
-        dbthread.call(
-            lambda: TaskQueue.objects.claim(
-                task_id=hand_ids[i],
-                task_name="noop",
-                queue="celery",
-                worker_pk=worker.pk,
-                incarnation=inc,
-            )
-        )
-
-    rows.append(
-        row(
-            "claim via dbthread.call (as in the pool process)",
-            measure(claim_via_thread, n),
-            note="SQL counted on the other thread",
-        )
+    timed(
+        "dbthread.call(lambda: None): hand-off round trip",
+        lambda i: dbthread.call(lambda: None),
+        n,
     )
     dbthread.shutdown()
     headers = [
         "step", "wall µs (median)", "CPU µs of the caller (mean)", "statements",
-        "time in SQL µs", "note",
+        "time in SQL µs", "PostgreSQL CPU µs/task", "note",
     ]  # fmt: skip
     return table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=300, help="calls per step (default 300)")
+    parser.add_argument("--n", type=int, default=2000, help="calls per step (default 2000)")
     parser.add_argument("--database-url", help="use this (migrated) database; else create one")
     args = parser.parse_args(argv)
     if args.database_url is None:
