@@ -104,3 +104,31 @@ def test_the_loop_writer_connection_gets_the_same_settings(alias: str) -> None:
         "enable_hashjoin": "off",
         "plan_cache_mode": "force_generic_plan",
     }
+
+
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_the_heartbeat_connection_keeps_the_default_plans(
+    alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat thread's connection runs the detector's sweeps: set-based queries
+    that keep PostgreSQL's own planner settings."""
+    from tests.factories import make_worker
+    from worker_health import heartbeat
+    from worker_health.heartbeat import Heart, WorkerIdentity
+
+    worker = make_worker(alias, "heart@host")
+    identity = WorkerIdentity(
+        worker_id=worker.worker_id, incarnation=worker.incarnation, metadata={}, pk=worker.pk
+    )
+    real = durability.relax_connection
+    monkeypatch.setattr(heartbeat, "relax_connection", lambda **kw: real(alias, **kw), raising=True)
+    connections[alias].close()
+    heart = Heart(identity)
+    heart.registered = True
+    heart._write_heartbeat = lambda: None  # type: ignore[method-assign]
+    assert heart.beat_once()
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SHOW enable_seqscan")
+        assert cursor.fetchone()[0] == "on"
+        cursor.execute("SHOW plan_cache_mode")
+        assert cursor.fetchone()[0] == "force_generic_plan"  # relaxed all the same

@@ -52,7 +52,9 @@ def prepares(using: str) -> bool:
 #: the table (PostgreSQL CPU per claimed and finished task at 4,000 rows: 170 µs with it,
 #: 100 µs with index lookups). Index lookups cost the same at any size. Not applied when
 #: the server may be a pooler in transaction mode (:func:`prepares` is false): session
-#: settings would leak there to other clients' transactions.
+#: settings would leak there to other clients' transactions. Nor on the heartbeat thread's
+#: connection: it runs the detector's sweeps, set-based queries planned as PostgreSQL sees
+#: fit (``docs/benchmarks.md``, detector scale).
 INDEX_PLANS = (
     "SET enable_seqscan TO off",
     "SET enable_hashjoin TO off",
@@ -60,17 +62,17 @@ INDEX_PLANS = (
 )
 
 
-def session_settings(using: str = "default") -> list[str]:
+def session_settings(using: str = "default", *, index_plans: bool = True) -> list[str]:
     """The ``SET`` statements for a connection that only worker_health uses."""
     statements = ["SET plan_cache_mode TO force_generic_plan"]
     if not settings.SYNCHRONOUS_COMMIT:
         statements.append("SET synchronous_commit TO OFF")
-    if prepares(using):
+    if index_plans and prepares(using):
         statements.extend(INDEX_PLANS)
     return statements
 
 
-def relax_connection(using: str = "default") -> None:
+def relax_connection(using: str = "default", *, index_plans: bool = True) -> None:
     """For a connection that only worker_health uses (its own threads): commit without
     waiting for the WAL flush, unless the user asked for synchronous commits; plan the
     hot-path prepared statements once (``plan_cache_mode``), as index lookups by task id
@@ -85,7 +87,7 @@ def relax_connection(using: str = "default") -> None:
     if getattr(raw, "prepare_threshold", 0) is None and prepares(using):
         raw.prepare_threshold = ONLY_WHEN_ASKED  # Django's default turns preparing off
     with conn.cursor() as cursor:
-        for statement in session_settings(using):
+        for statement in session_settings(using, index_plans=index_plans):
             cursor.execute(statement)
     setattr(_tuned, using, raw)
 

@@ -206,7 +206,8 @@ class Heart:
         try:
             # The heart's connection persists (whatever CONN_MAX_AGE says): a beat is one
             # statement, not a new connection; a database error closes it (_on_db_error).
-            relax_connection()
+            # Default plans: this connection also runs the detector's sweeps.
+            relax_connection(index_plans=False)
             if not self.registered:
                 register(self.identity)
                 self.registered = True
