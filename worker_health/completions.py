@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 
 from django.db import DatabaseError, InterfaceError
 
 from . import dbthread, relay
+from .clock import pause
 from .durability import relax_connection
 
 logger = logging.getLogger("worker_health")
@@ -109,8 +109,7 @@ def flush(timeout: float | None = None) -> None:
 def _write_pending(linger: float | None = None) -> None:
     global _scheduled, _retry
     wait = LINGER if linger is None else linger
-    if wait > 0:
-        time.sleep(wait)
+    pause(wait)
     with _lock:
         batch = list(_pending)
         _pending.clear()

@@ -44,6 +44,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections
 
 from . import completions, loopwriter
 from . import relay as relay_module
+from .clock import pause
 from .durability import relax_connection
 from .heartbeat import WorkerIdentity
 from .loopwriter import LoopWriter
@@ -228,7 +229,7 @@ class Gate:
                     while os.read(self._wake_r, 4096):
                         pass
                 if not self._stopped:
-                    time.sleep(LINGER)
+                    pause(LINGER)
                 closing = self._stopped and (self._relay_closed or self.relay is None)
                 if self.relay is not None:
                     self._done.extend(self.relay.receive())

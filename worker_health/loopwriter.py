@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from . import dbthread
+from .clock import pause
 from .conf import settings
 from .durability import prepares, session_settings
 
@@ -151,10 +152,10 @@ class LoopWriter:
         ).start()
 
     def _connect(self, delay: float) -> None:
-        time.sleep(delay)
         raw: Any = None
         error: Exception | None = None
         try:
+            pause(delay)
             raw = _open_connection(self.alias)
             pk = self.gate._worker_pk()
             if pk is None:

@@ -38,6 +38,7 @@ from celery.exceptions import Ignore, WorkerLostError
 from django.db import DatabaseError, InterfaceError, close_old_connections, transaction
 
 from . import completions, dbthread
+from .clock import pause
 from .conf import settings
 from .durability import relax_connection
 from .gate import CLAIMED_AT_KEY, TOKEN_KEY, gate_for
@@ -238,7 +239,7 @@ class Recorder:
             except (DatabaseError, InterfaceError) as exc:
                 logger.warning("worker_health: recorder cannot write (%s); retrying", exc)
                 close_old_connections()
-                time.sleep(retry)
+                pause(retry)
                 retry = min(retry * 2, 2.0)
                 self._wake.set()
             if self._stopped and not self._items:
