@@ -478,6 +478,7 @@ def test_loop_mode_runs_untracked_while_the_connection_is_lost_then_claims_again
     pool.wait_for(1)
     assert g.writer is not None and g.writer.raw is not None
     backend = g.writer.raw.info.backend_pid
+    g.writer.backoff = 2.0  # the first reconnection waits: "during" meets a writer that is down
     with connections["postgres"].cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(%s)", [backend])
         deadline = time.monotonic() + 10
