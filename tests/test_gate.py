@@ -354,10 +354,12 @@ def test_stop_writes_what_the_pool_relayed_while_it_drained(relay_gate: Gate) ->
 
 def test_stop_closes_the_gate_pipes_once_its_thread_is_gone(relay_gate: Gate) -> None:
     g = relay_gate
-    g.register_with_event_loop(Hub())  # the release pipe too
+    hub = Hub()
+    g.register_with_event_loop(hub)  # the release pipe too
     fds = [g._wake_r, g._wake_w, *(g._pipe or ())]
     g(FakeRequest("t1"))  # type: ignore[arg-type]
     g.stop()
+    hub.close()
     assert g._thread is not None and not g._thread.is_alive()
     for fd in fds:
         with pytest.raises(OSError):

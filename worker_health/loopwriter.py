@@ -287,6 +287,8 @@ class LoopWriter:
             gate._requeue_done(done)
             self._release(batch, {})
             return
+        if not params:
+            return  # only runs that started untracked: the database thread has them
         pgconn = self.raw.pgconn
         try:
             if self.prepared:
@@ -301,6 +303,7 @@ class LoopWriter:
             self._lost(exc)
 
     def _params(self, batch: list[Request], done: list[Relayed]) -> tuple[str, list[bytes]]:
+        """The statement to send and its parameters (none: nothing to send)."""
         from .querysets import _batch_json
         from .tracking import delivery_from_request
 
@@ -318,7 +321,9 @@ class LoopWriter:
             return "both", [_batch_json(runs).encode(), *claim]
         if batch:
             return "claim", claim
-        return "finish", [_batch_json(runs).encode()]
+        if runs:
+            return "finish", [_batch_json(runs).encode()]
+        return "finish", []
 
     def _finish_untracked(self, untracked: list[Relayed]) -> None:
         """On the database thread: the rows of runs that started untracked; tried again
