@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import threading
 
-_never = threading.Event()
-
 
 def pause(seconds: float) -> None:
-    """Wait ``seconds`` (nothing for zero or less)."""
+    """Wait ``seconds`` (nothing for zero or less). A new event each time: one shared by
+    threads could be copied into a forked pool process with its lock taken."""
     if seconds > 0:
-        _never.wait(seconds)
+        threading.Event().wait(seconds)
