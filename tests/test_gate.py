@@ -313,21 +313,8 @@ def test_a_relayed_completion_of_a_reclaimed_run_is_stale_and_changes_nothing(
 def test_relayed_completions_wait_out_a_database_error_and_are_written_after(
     relay_gate: Gate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from django.db import OperationalError
-
-    from worker_health.querysets import TaskQuerySet
-
     make_task("default", "t1", status="claimed", fencing_token=1)
-    real = TaskQuerySet.finish_many
-    failures = {"left": 3}
-
-    def flaky(self: TaskQuerySet, runs: Any) -> Any:
-        if failures["left"]:
-            failures["left"] -= 1
-            raise OperationalError("the database is away")
-        return real(self, runs)
-
-    monkeypatch.setattr(TaskQuerySet, "finish_many", flaky)
+    failures = fail_first(monkeypatch, "finish_many", 3)
     g = relay_gate
     assert g.relay is not None
     relayed_from_a_pool_process(g.relay, ("t1", 1, "succeeded", "SUCCESS"))
@@ -365,6 +352,26 @@ def test_stop_closes_the_gate_pipes_once_its_thread_is_gone(relay_gate: Gate) ->
         with pytest.raises(OSError):
             os.fstat(fd)
     g._wake()  # after stop: nothing to wake, and no write to a closed (or reused) fd
+
+
+def fail_first(monkeypatch: pytest.MonkeyPatch, method: str, times: int) -> dict[str, int]:
+    """``TaskQuerySet.<method>`` raises a database error ``times`` times, then works;
+    returns the count of failures left."""
+    from django.db import OperationalError
+
+    from worker_health.querysets import TaskQuerySet
+
+    real = getattr(TaskQuerySet, method)
+    failures = {"left": times}
+
+    def flaky(self: TaskQuerySet, *args: Any, **kwargs: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("the database is away")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskQuerySet, method, flaky)
+    return failures
 
 
 def wait_for_value(fn: Any, timeout: float = 5.0) -> Any:
@@ -592,21 +599,8 @@ def test_a_failure_after_the_claims_committed_never_claims_them_twice(
     """The runs that started untracked are finished after the claims commit: if that
     write fails, the batch is not claimed again (it would find its own claims and drop
     the tasks as duplicates); the untracked completions are tried again."""
-    from django.db import OperationalError
-
-    from worker_health.querysets import TaskQuerySet
-
     make_task("default", "was-untracked", status="queued", fencing_token=0)
-    real = TaskQuerySet.finish_untracked
-    failures = {"left": 1}
-
-    def flaky(self: TaskQuerySet, task_ids: Any, status: str) -> int:
-        if failures["left"]:
-            failures["left"] -= 1
-            raise OperationalError("the database is away")
-        return real(self, task_ids, status)
-
-    monkeypatch.setattr(TaskQuerySet, "finish_untracked", flaky)
+    failures = fail_first(monkeypatch, "finish_untracked", 1)
     g = Gate(identity, pool, lambda req: True)
     g.relay = Relay()
     try:
@@ -635,23 +629,10 @@ def test_loop_mode_finishes_untracked_runs_again_after_a_database_error(
 ) -> None:
     """A run that started untracked (the database was down) ends: its row is finished on
     the database thread, and tried again after a back-off when that fails."""
-    from django.db import OperationalError
-
-    from worker_health.querysets import TaskQuerySet
-
     g, _ = loop_gate
     assert g.relay is not None
     make_task("default", "u1", status="queued")  # the database thread's (SQLite here)
-    real = TaskQuerySet.finish_untracked
-    failures = {"left": 2}
-
-    def flaky(self: TaskQuerySet, task_ids: Any, status: str) -> int:
-        if failures["left"]:
-            failures["left"] -= 1
-            raise OperationalError("the database is away")
-        return real(self, task_ids, status)
-
-    monkeypatch.setattr(TaskQuerySet, "finish_untracked", flaky)
+    failures = fail_first(monkeypatch, "finish_untracked", 2)
     relayed_from_a_pool_process(g.relay, ("u1", UNTRACKED, "succeeded", "SUCCESS"))
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
