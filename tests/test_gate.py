@@ -286,11 +286,7 @@ def test_relayed_completions_are_written_with_the_next_claims(relay_gate: Gate, 
     relayed_from_a_pool_process(g.relay, ("t1", token, "succeeded", "SUCCESS"))
     g(FakeRequest("t2"))  # type: ignore[arg-type]
     pool.wait_for(2)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if TaskQueue.objects.get(task_id="t1").status == "succeeded":
-            break
-        time.sleep(0.02)
+    wait_for_value(lambda: TaskQueue.objects.get(task_id="t1").status == "succeeded", timeout=10)
     statuses = dict(TaskQueue.objects.values_list("task_id", "status"))
     assert statuses == {"t1": "succeeded", "t2": "claimed"}
 
@@ -319,11 +315,7 @@ def test_relayed_completions_wait_out_a_database_error_and_are_written_after(
     assert g.relay is not None
     relayed_from_a_pool_process(g.relay, ("t1", 1, "succeeded", "SUCCESS"))
     assert "t1" in wait_for_value(lambda: g.in_flight())  # held while unwritten
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if TaskQueue.objects.get(task_id="t1").status == "succeeded":
-            break
-        time.sleep(0.05)
+    wait_for_value(lambda: TaskQueue.objects.get(task_id="t1").status == "succeeded", timeout=15)
     assert TaskQueue.objects.get(task_id="t1").status == "succeeded"
     assert failures["left"] == 0
     assert "t1" not in g.in_flight()
@@ -611,11 +603,9 @@ def test_a_failure_after_the_claims_committed_never_claims_them_twice(
         req = pool.received[0][0]
         assert req.request_dict[TOKEN_KEY] == 1  # claimed once, passed on
         assert not req.acked  # not dropped as a duplicate of itself
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if TaskQueue.objects.get(task_id="was-untracked").status == "succeeded":
-                break
-            time.sleep(0.05)
+        wait_for_value(
+            lambda: TaskQueue.objects.get(task_id="was-untracked").status == "succeeded", timeout=10
+        )
         assert TaskQueue.objects.get(task_id="was-untracked").status == "succeeded"
         assert failures["left"] == 0
     finally:
@@ -634,10 +624,6 @@ def test_loop_mode_finishes_untracked_runs_again_after_a_database_error(
     make_task("default", "u1", status="queued")  # the database thread's (SQLite here)
     failures = fail_first(monkeypatch, "finish_untracked", 2)
     relayed_from_a_pool_process(g.relay, ("u1", UNTRACKED, "succeeded", "SUCCESS"))
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if TaskQueue.objects.get(task_id="u1").status == "succeeded":
-            break
-        time.sleep(0.05)
+    wait_for_value(lambda: TaskQueue.objects.get(task_id="u1").status == "succeeded", timeout=15)
     assert TaskQueue.objects.get(task_id="u1").status == "succeeded"
     assert failures["left"] == 0
