@@ -118,9 +118,10 @@ def test_without_an_event_loop_the_gate_thread_claims_then_passes_on(
         assert gate(req) is None  # type: ignore[arg-type]
     pool.wait_for(5)
     assert {r.id for r, _, _ in pool.received} == {f"t{i}" for i in range(5)}
-    # claimed in the database before the pool got it, by the gate's thread
+    # claimed in the database (by the gate's thread) before the pool got it (from the
+    # dispatching thread)
     assert {status for _, _, status in pool.received} == {"claimed"}
-    assert {thread for _, thread, _ in pool.received} == {"worker-health-gate"}
+    assert {thread for _, thread, _ in pool.received} == {"worker-health-dispatch"}
     for req in requests:
         assert req.request_dict[TOKEN_KEY] == 1
         assert isinstance(req.request_dict[CLAIMED_AT_KEY], float)
@@ -129,6 +130,65 @@ def test_without_an_event_loop_the_gate_thread_claims_then_passes_on(
     )
     assert rows.filter(status="claimed").count() == 5
     assert gate.held == {}
+
+
+class BusyPool(Pool):
+    """A prefork pool without an event loop: passing a request on waits (on Celery's put
+    lock) until a pool process is free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.free = threading.Event()
+
+    def __call__(self, req: FakeRequest) -> None:
+        super().__call__(req)
+        self.free.wait(10)
+
+
+def test_without_an_event_loop_claims_go_on_while_the_pool_is_busy(
+    identity: WorkerIdentity,
+) -> None:
+    """What the consumer fetches while every pool process is busy is claimed at once: a
+    worker killed meanwhile leaves claims the detector reclaims, not messages that only its
+    memory held (kombu's polling transports do not deliver them again)."""
+    pool = BusyPool()
+    g = Gate(identity, pool, lambda req: True)
+    try:
+        g(FakeRequest("t0"))  # type: ignore[arg-type]
+        pool.wait_for(1)  # passing t0 on waits: the pool is full
+        for i in (1, 2, 3):
+            g(FakeRequest(f"t{i}"))  # type: ignore[arg-type]
+        assert wait_for_value(
+            lambda: TaskQueue.objects.filter(status="claimed", claimed_by=identity.pk).count() == 4
+        )
+        assert [r.id for r, _, _ in pool.received] == ["t0"]
+        assert set(g.held) == {"t1", "t2", "t3"}  # claimed, waiting for their turn
+        pool.free.set()
+        pool.wait_for(4)
+        assert [r.id for r, _, _ in pool.received] == ["t0", "t1", "t2", "t3"]
+        assert g.held == {}
+    finally:
+        pool.free.set()
+        g.stop()
+
+
+def test_without_an_event_loop_stop_keeps_what_waits_for_the_pool(
+    identity: WorkerIdentity,
+) -> None:
+    pool = BusyPool()
+    g = Gate(identity, pool, lambda req: True)
+    try:
+        for i in range(3):
+            g(FakeRequest(f"t{i}"))  # type: ignore[arg-type]
+        assert wait_for_value(lambda: set(g.held) == {"t1", "t2"})  # t0 is being passed on
+        g.close_intake()
+        pool.free.set()
+        held = g.stop()
+        assert sorted(held) == ["t1", "t2"]  # handed back at shutdown, never run here
+        assert [r.id for r, _, _ in pool.received] == ["t0"]
+    finally:
+        pool.free.set()
+        g.stop()
 
 
 def test_with_an_event_loop_requests_go_to_the_pool_on_the_loop(gate: Gate, pool: Pool) -> None:

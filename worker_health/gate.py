@@ -15,9 +15,13 @@ Who writes: on PostgreSQL with psycopg 3 and an event loop (the Redis and AMQP
 transports), the loop itself, without ever waiting (:mod:`.loopwriter`). Otherwise a
 thread of the worker's main process; with an event loop the requests it released go back
 to the loop through a pipe and are sent to the pool on the loop's thread as Celery would;
-without one (kombu's polling transports) the gate's thread sends them to the pool itself,
-as Celery's own timer thread does with ETA tasks there. The loop stops before the pool has
-drained at shutdown: the thread then takes over for the last completions.
+without one (kombu's polling transports) a second thread sends them to the pool, as
+Celery's own timer thread does with ETA tasks there. That thread waits on Celery's put
+locks while every pool process is busy; the gate's thread does not, so what the consumer
+fetched meanwhile (up to the prefetch window) is claimed within milliseconds, and a worker
+killed while it waits leaves claims the detector reclaims, not messages only its memory
+held. The loop stops before the pool has drained at shutdown: the gate's thread then takes
+over for the last completions.
 
 A delivery that may not run (the task finished, or a live worker runs it) is acknowledged
 and dropped here, never reaching the pool.
@@ -33,6 +37,7 @@ import contextlib
 import logging
 import os
 import select
+import queue
 import threading
 import time
 from collections import deque
@@ -101,6 +106,12 @@ class Gate:
         self._relay_closed = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        #: without an event loop: claimed requests on their way to the pool, and the
+        #: thread that passes them on (it waits while every pool process is busy)
+        self._handoff: queue.SimpleQueue[tuple[Request, int | None, float] | None] = (
+            queue.SimpleQueue()
+        )
+        self._dispatcher: threading.Thread | None = None
         self._stopped = False
         self._closing = False
         self._hub: Any = None
@@ -251,6 +262,23 @@ class Gate:
         finally:
             close_old_connections()
 
+    # -- on the dispatching thread (no event loop) ---------------------------------------
+
+    def _start_dispatcher(self) -> None:
+        if self._dispatcher is None:
+            self._dispatcher = threading.Thread(
+                target=self._run_dispatcher, name="worker-health-dispatch", daemon=True
+            )
+            self._dispatcher.start()
+
+    def _run_dispatcher(self) -> None:
+        while True:
+            item = self._handoff.get()
+            if item is None:
+                return
+            if not self._closing:  # at shutdown what is left stays held (handed back)
+                self._dispatch(*item)
+
     def _done_due(self, closing: bool) -> bool:
         return bool(self._done) and (closing or time.monotonic() >= self._done_retry_at)
 
@@ -313,8 +341,9 @@ class Gate:
         if self._closing:
             return  # shutdown: nothing more goes to the pool; these are handed back
         if self._hub is None:
+            self._start_dispatcher()
             for req in batch:
-                self._dispatch(req, tokens.get(req.id, UNTRACKED), claimed_at)
+                self._handoff.put((req, tokens.get(req.id, UNTRACKED), claimed_at))
             return
         for req in batch:
             self._released.append((req, tokens.get(req.id, UNTRACKED), claimed_at))
@@ -473,6 +502,10 @@ class Gate:
         self.close_intake()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._dispatcher is not None:
+            # it may wait on a put lock of a pool that is gone: it is a daemon thread
+            self._handoff.put(None)
+            self._dispatcher.join(min(timeout, 1.0))
         if self._hub is not None and self._pipe is not None:
             with contextlib.suppress(Exception):  # the loop is gone already
                 self._hub.remove_reader(self._pipe[0])
