@@ -36,8 +36,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import queue
+import select
 import threading
 import time
 from collections import deque
