@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -44,6 +45,7 @@ from example_project.demo.live import LiveBlock
 from example_project.demo.models import Effect
 from example_project.demo.processes import Child, end_leftovers, stop_all, write_pid_file
 from example_project.demo.tasks import work
+from example_project.fs_transport import INFLIGHT
 from worker_health.models import (
     DetectorState,
     EventKind,
@@ -269,6 +271,9 @@ class Command(BaseCommand):
                     if path.is_file():
                         path.unlink(missing_ok=True)
                         removed += 1
+                    elif path.name == INFLIGHT:  # read, unacknowledged, by a killed worker
+                        removed += sum(1 for p in path.glob("*/*") if p.is_file())
+                        shutil.rmtree(path, ignore_errors=True)
             return f"{removed} old message files removed"
         from example_project.celery import app
 
