@@ -132,6 +132,32 @@ def test_without_an_event_loop_the_gate_thread_claims_then_passes_on(
     assert gate.held == {}
 
 
+def test_a_wake_up_during_the_drain_of_the_wake_pipe_is_not_lost(
+    gate: Gate, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consumer's ``_wake`` can run while the gate's thread empties its wake pipe (and
+    read the byte it wrote): the thread must still see every later wake-up."""
+    real_read = os.read
+    injected: list[str] = []
+
+    def read(fd: int, n: int) -> bytes:
+        if (
+            fd == gate._wake_r
+            and not injected
+            and threading.current_thread().name == "worker-health-gate"
+        ):
+            injected.append("t2")
+            gate(FakeRequest("t2"))  # type: ignore[arg-type]
+        return real_read(fd, n)
+
+    monkeypatch.setattr(gate_module.os, "read", read)
+    gate(FakeRequest("t1"))  # type: ignore[arg-type]
+    pool.wait_for(2)
+    gate(FakeRequest("t3"))  # type: ignore[arg-type]
+    pool.wait_for(3)
+    assert sorted(r.id for r, _, _ in pool.received) == ["t1", "t2", "t3"]
+
+
 class BusyPool(Pool):
     """A prefork pool without an event loop: passing a request on waits (on Celery's put
     lock) until a pool process is free."""

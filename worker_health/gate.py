@@ -235,10 +235,15 @@ class Gate:
                 if self._done:
                     timeout = max(0.0, self._done_retry_at - time.monotonic())
                 select.select(fds, [], [], timeout)
-                self._awake = False
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wake_r, 4096):
                         pass
+                # Only once the pipe is empty: a wake-up written during the drain (and
+                # read by it) would otherwise leave the flag set with no byte pending, and
+                # every later ``_wake`` would skip its write: the thread would sleep for
+                # good with requests pending. What arrived before this line is in
+                # ``_pending`` already and is taken below.
+                self._awake = False
                 if not self._stopped:
                     pause(LINGER)
                 closing = self._stopped and (self._relay_closed or self.relay is None)
