@@ -246,3 +246,49 @@ def test_a_published_message_never_carries_the_gates_token() -> None:
     )
     assert TOKEN_KEY not in headers and CLAIMED_AT_KEY not in headers
     assert headers["headers"] == {"mine": 1}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pool_process_forked_before_its_worker_registered_confirms_a_long_wait() -> None:
+    """Workers register when their pool is up, so prefork processes start without the
+    worker's primary key: a run that waited long in the pool's queue looks it up to
+    confirm its claim, and is neither skipped nor claimed a second time."""
+    import time
+    import uuid
+
+    from tests.factories import delivery, make_worker
+    from worker_health import dbthread
+    from worker_health.gate import CLAIMED_AT_KEY, TOKEN_KEY
+    from worker_health.heartbeat import WorkerIdentity
+    from worker_health.models import WorkerRegistry
+
+    worker = make_worker("default", "w1@host")
+    tokens = TaskQueue.objects.claim_received(
+        [delivery("t1"), delivery("t2")], worker_pk=worker.pk, incarnation=worker.incarnation
+    )
+    assert tokens == {"t1": 1, "t2": 1}
+    waited_long = {TOKEN_KEY: 1, CLAIMED_AT_KEY: time.monotonic() - 60}
+    task = SimpleNamespace(request=SimpleNamespace(**waited_long))
+    try:
+        forked_early = WorkerIdentity(
+            worker_id=worker.worker_id, incarnation=worker.incarnation, metadata={}
+        )
+        assert forked_early.pk is None
+        assert tracking._token_from_gate(task, "t1", forked_early) == 1  # type: ignore[arg-type]
+        assert forked_early.pk == worker.pk
+        # the worker was failed and t2 reclaimed meanwhile: the run must claim again
+        WorkerRegistry.objects.filter(pk=worker.pk).update(status="failed")
+        other = make_worker("default", "w2@host")
+        assert TaskQueue.objects.claim_received(
+            [delivery("t2")], worker_pk=other.pk, incarnation=other.incarnation
+        ) == {"t2": 2}
+        again = WorkerIdentity(
+            worker_id=worker.worker_id, incarnation=worker.incarnation, metadata={}
+        )
+        got = tracking._token_from_gate(task, "t2", again)  # type: ignore[arg-type]
+        assert got == tracking._NO_GATE
+        # never registered (cannot happen with a gate's token, but must not skip the run)
+        ghost = WorkerIdentity(worker_id="ghost@host", incarnation=uuid.uuid4(), metadata={})
+        assert tracking._token_from_gate(task, "t1", ghost) == 1  # type: ignore[arg-type]
+    finally:
+        dbthread.shutdown()

@@ -387,18 +387,30 @@ def on_worker_init(sender: Any, **_: Any) -> None:
     from .gate import GateStep
 
     sender.app.steps["worker"].add(GateStep)
-    # Register now so the row exists before the first task; if the database is down the
-    # heart registers as soon as it answers.
-    try:
-        register(identity)
-        identity.heart.registered = True
-    except Exception as exc:
-        logger.warning(
-            "worker_health: could not register %s yet (%s); will retry", sender.hostname, exc
-        )
-    finally:
-        # Prefork children must not inherit this connection.
-        connections.close_all()
+
+
+def register_and_beat(identity: WorkerIdentity) -> None:
+    """Register the worker and start its heart, together, once its pool is up (the
+    consumer, and with it the first task, comes after). Registering earlier, at
+    ``worker_init``, would leave the time the pool takes to start between the registration
+    and the first heartbeat: a start slower than ``STALE_AFTER`` got the worker failed
+    before it had run anything. If the database is down the heart registers as soon as it
+    answers."""
+    assert identity.heart is not None
+    if not identity.heart.registered:
+        try:
+            register(identity)
+            identity.heart.registered = True
+        except Exception as exc:
+            logger.warning(
+                "worker_health: could not register %s yet (%s); will retry",
+                identity.worker_id,
+                exc,
+            )
+        finally:
+            # Pool processes forked later (replacements) must not inherit this connection.
+            connections.close_all()
+    identity.heart.start()
 
 
 def request_warm_shutdown() -> None:
@@ -440,7 +452,8 @@ def stop_worker(identity: WorkerIdentity, *, cold: bool) -> None:
 
 
 class HeartbeatStep(bootsteps.StartStopStep):
-    """Starts the heart once the pool is up; a cold shutdown stops it."""
+    """Registers the worker and starts its heart once the pool is up; a cold shutdown
+    stops it."""
 
     label = "worker-health heartbeat"
     requires = ("celery.worker.components:Pool",)
@@ -452,7 +465,7 @@ class HeartbeatStep(bootsteps.StartStopStep):
     # StartStopStep calls these on ``self.obj``, which ``create`` made ``self``.
     def start(self, parent: Any = None) -> None:
         if self._identity is not None and self._identity.heart is not None:
-            self._identity.heart.start()
+            register_and_beat(self._identity)
 
     def stop(self, parent: Any = None) -> None:
         # Warm shutdown: keep beating while the pool drains; ``worker_shutdown`` ends it.

@@ -392,13 +392,16 @@ def _token_from_gate(task: Task, task_id: str, identity: WorkerIdentity) -> int 
     if waited > min(settings.HEARTBEAT_INTERVAL, settings.STALE_AFTER / 2):
         from .models import TaskQueue
 
-        if identity.pk is None:
-            return _NO_GATE
-        pk = identity.pk
+        def confirm() -> bool:
+            # A pool process forked before its worker registered learns the worker's
+            # row here (the gate's claim names it: it exists).
+            pk = identity.pk if identity.pk is not None else _registered_pk(identity)
+            if pk is None:
+                return True  # cannot tell: the gate's claim stands
+            return TaskQueue.objects.confirm_claim(task_id, token, pk, identity.incarnation)
+
         try:
-            still_ours = dbthread.call(
-                lambda: TaskQueue.objects.confirm_claim(task_id, token, pk, identity.incarnation)
-            )
+            still_ours = dbthread.call(confirm)
         except Exception:
             logger.warning(
                 "worker_health: could not confirm the claim of %s; running it",
@@ -412,18 +415,26 @@ def _token_from_gate(task: Task, task_id: str, identity: WorkerIdentity) -> int 
     return token
 
 
+def _registered_pk(identity: WorkerIdentity) -> int | None:
+    """The primary key of the worker's row (looked up once per process), or None."""
+    from .models import WorkerRegistry
+
+    if identity.pk is None:
+        identity.pk = (
+            WorkerRegistry.objects.filter(worker_id=identity.worker_id)
+            .values_list("pk", flat=True)
+            .first()
+        )
+    return identity.pk
+
+
 def _claim(task: Task, task_id: str, queue: str, identity: WorkerIdentity) -> int | None:
-    from .models import TaskQueue, WorkerRegistry
+    from .models import TaskQueue
 
     def claim() -> int | None:
-        if identity.pk is None:
-            identity.pk = (
-                WorkerRegistry.objects.filter(worker_id=identity.worker_id)
-                .values_list("pk", flat=True)
-                .first()
-            )
-            if identity.pk is None:
-                return -1  # not registered yet: run untracked rather than not at all
+        if identity.pk is None and _registered_pk(identity) is None:
+            return -1  # not registered yet: run untracked rather than not at all
+        assert identity.pk is not None
         return TaskQueue.objects.claim(
             task_id=task_id,
             task_name=task.name,

@@ -161,6 +161,21 @@ def test_registration_metadata_and_heartbeats(stack: Stack) -> None:
     }
 
 
+def test_a_worker_slower_to_start_than_stale_after_is_not_failed(stack: Stack) -> None:
+    """A worker whose start takes longer than STALE_AFTER (here its application's own
+    ``worker_init`` handler sleeps) registers when its heart starts: a detector sweeping
+    meanwhile (the other worker's heart) has nothing to fail."""
+    stack.start_workers({"steady": {}})
+    slow = stack.worker("slow", wait=False, EXAMPLE_SLOW_START=str(STALE_AFTER + 2))
+    stack.wait_ready("slow", slow, timeout=90)
+    log = HeartbeatLog(stack, ["slow"])
+    wait_for(lambda: log.advanced(2), BOUND, what="heartbeats of the slow worker")
+    assert stack.row("slow").status == "active"
+    assert not stack.events(EventKind.WORKER_FAILED, "slow").exists()
+    assert not stack.events(EventKind.WORKER_RECOVERED, "slow").exists()
+    assert stack.events(EventKind.WORKER_REGISTERED, "slow").count() == 1
+
+
 # --------------------------------------------------------------------------------------------
 # 2. busy workers
 
