@@ -56,8 +56,8 @@ def test_hot_path_statements_look_tasks_up_by_index_on_a_small_table(alias: str)
     both = _generic_plan(
         alias,
         CLAIM_AND_FINISH_SQL,
-        "json, json, bigint, uuid, float8",
-        "'[]', '[]', 1, '00000000-0000-0000-0000-000000000000', 60",
+        "json, bigint, uuid, json, float8",
+        "'[]', 1, '00000000-0000-0000-0000-000000000000', '[]', 60",
     )
     for plan in (finish, both):
         assert "Seq Scan on task_queue" not in plan, plan

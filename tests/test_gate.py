@@ -47,9 +47,13 @@ class FakeRequest:
             content_encoding="utf-8",
         )
         self.acked = False
+        self.requeued = False
 
     def acknowledge(self) -> None:
         self.acked = True
+
+    def reject(self, requeue: bool = False) -> None:
+        self.requeued = requeue
 
 
 class Pool:
@@ -156,6 +160,30 @@ def test_a_wake_up_during_the_drain_of_the_wake_pipe_is_not_lost(
     gate(FakeRequest("t3"))  # type: ignore[arg-type]
     pool.wait_for(3)
     assert sorted(r.id for r, _, _ in pool.received) == ["t1", "t2", "t3"]
+
+
+def test_a_worker_marked_failed_gives_what_it_receives_back_to_the_broker(
+    gate: Gate, pool: Pool, identity: WorkerIdentity
+) -> None:
+    """K2: a zombie that resumed before its heart noticed it was failed neither runs what
+    it receives (the reclaimed copies run elsewhere) nor acknowledges it (it may be the
+    only copy): it rejects it with requeue."""
+    from worker_health.models import WorkerRegistry
+
+    WorkerRegistry.objects.filter(pk=identity.pk).update(status="failed")
+    requests = [FakeRequest(f"t{i}") for i in range(3)]
+    for req in requests:
+        gate(req)  # type: ignore[arg-type]
+    assert wait_for_value(lambda: all(r.requeued for r in requests))
+    assert not any(r.acked for r in requests)
+    assert pool.received == []
+    assert not TaskQueue.objects.exists()
+    assert gate.held == {}
+    # recovered (its heart beat again): it claims and runs as before
+    WorkerRegistry.objects.filter(pk=identity.pk).update(status="active")
+    gate(FakeRequest("t9"))  # type: ignore[arg-type]
+    pool.wait_for(1)
+    assert [r.id for r, _, status in pool.received] == ["t9"]
 
 
 class BusyPool(Pool):
@@ -713,3 +741,31 @@ def test_loop_mode_finishes_untracked_runs_again_after_a_database_error(
     wait_for_value(lambda: TaskQueue.objects.get(task_id="u1").status == "succeeded", timeout=15)
     assert TaskQueue.objects.get(task_id="u1").status == "succeeded"
     assert failures["left"] == 0
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_loop_mode_gives_back_what_a_failed_worker_receives(
+    alias: str, loop_gate: tuple[Gate, LoopThread], pool: Pool, pg_identity: WorkerIdentity
+) -> None:
+    from worker_health.models import WorkerRegistry
+
+    g, loop = loop_gate
+    WorkerRegistry.objects.using("postgres").filter(pk=pg_identity.pk).update(status="failed")
+    requests = [FakeRequest(f"t{i}") for i in range(3)]
+    for req in requests:
+        loop.hub.call_soon(g, req)
+    assert wait_for_value(lambda: all(r.requeued for r in requests))
+    assert not any(r.acked for r in requests)
+    assert pool.received == [] and pg_rows() == {}
+    # completions still go in with the refused claims
+    WorkerRegistry.objects.using("postgres").filter(pk=pg_identity.pk).update(status="active")
+    loop.hub.call_soon(g, FakeRequest("t9"))
+    pool.wait_for(1)
+    WorkerRegistry.objects.using("postgres").filter(pk=pg_identity.pk).update(status="failed")
+    assert g.relay is not None
+    relayed_from_a_pool_process(g.relay, ("t9", 1, "succeeded", "SUCCESS"))
+    late = FakeRequest("t10")
+    loop.hub.call_soon(g, late)
+    assert wait_for_value(lambda: late.requeued)
+    assert wait_for_value(lambda: pg_rows().get("t9") == ("succeeded", 1))

@@ -23,7 +23,7 @@ from tests.factories import (
     make_worker,
 )
 from worker_health.models import DetectorState, TaskQueue, WorkerEvent, WorkerRegistry
-from worker_health.querysets import db_now_minus
+from worker_health.querysets import CLAIMER_FAILED, db_now_minus
 
 pytestmark = pytest.mark.django_db(databases="__all__")
 
@@ -832,6 +832,56 @@ def test_claim_and_finish_does_both_as_each_would(alias: str) -> None:
     assert accepted == {("done", 1)}
     statuses = dict(TaskQueue.objects.using(alias).values_list("task_id", "status"))
     assert statuses == {"done": "succeeded", "cut": "claimed", "new": "claimed"}
+
+
+def test_a_failed_claimer_claims_nothing_and_is_told_so(alias: str) -> None:
+    """K2: a zombie that resumed before its heart noticed it was failed must not take the
+    tasks reclaimed from it (they run elsewhere): every delivery of its batch is refused
+    with ``CLAIMER_FAILED`` (it goes back to the broker), and nothing of the rows changes;
+    its finished runs are still written."""
+    zombie = make_worker(alias, "zombie@host")
+    claim_received(alias, zombie, "ran")
+    make_task(alias, "reclaimed", status="queued", fencing_token=3, body=b"m")
+    WorkerRegistry.objects.using(alias).filter(pk=zombie.pk).update(status="failed")
+    before = {t.task_id: (t.status, t.fencing_token, t.claimed_by_id) for t in _all(alias)}
+    assert claim_received(alias, zombie, "reclaimed", "unknown") == {
+        "reclaimed": CLAIMER_FAILED,
+        "unknown": CLAIMER_FAILED,
+    }
+    tokens, accepted = TaskQueue.objects.using(alias).claim_and_finish(
+        [delivery("reclaimed")],
+        [("ran", 1, "succeeded")],
+        worker_pk=zombie.pk,
+        incarnation=zombie.incarnation,
+    )
+    assert tokens == {"reclaimed": CLAIMER_FAILED}
+    assert accepted == {("ran", 1)}
+    after = {t.task_id: (t.status, t.fencing_token, t.claimed_by_id) for t in _all(alias)}
+    assert after == {**before, "ran": ("succeeded", 1, zombie.pk)}
+    # another incarnation of the name (a restart) is not this claimer either
+    restarted = make_worker(alias, "zombie@host")
+    assert claim_received(alias, restarted, "reclaimed") == {"reclaimed": 4}
+    assert TaskQueue.objects.using(alias).claim_received(
+        [delivery("unknown")], worker_pk=zombie.pk, incarnation=zombie.incarnation
+    ) == {"unknown": CLAIMER_FAILED}
+
+
+def test_a_pool_claim_may_require_a_claimer_that_is_not_failed(alias: str) -> None:
+    zombie = make_worker(alias, "zombie@host")
+    make_task(alias, "t1", status="queued", fencing_token=2, body=b"m")
+    qs = TaskQueue.objects.using(alias)
+    WorkerRegistry.objects.using(alias).filter(pk=zombie.pk).update(status="failed")
+    fields = {"task_name": "demo.tasks.work", "queue": "celery", "worker_pk": zombie.pk}
+    assert (
+        qs.claim(task_id="t1", incarnation=zombie.incarnation, require_alive=True, **fields) is None
+    )
+    assert qs.get(task_id="t1").status == "queued"
+    WorkerRegistry.objects.using(alias).filter(pk=zombie.pk).update(status="active")
+    assert qs.claim(task_id="t1", incarnation=zombie.incarnation, require_alive=True, **fields) == 3
+
+
+def _all(alias: str) -> list[TaskQueue]:
+    return list(TaskQueue.objects.using(alias).order_by("task_id"))
 
 
 @pytest.mark.parametrize("alias", POSTGRES_ONLY)

@@ -286,7 +286,7 @@ def test_a_pool_process_forked_before_its_worker_registered_confirms_a_long_wait
             worker_id=worker.worker_id, incarnation=worker.incarnation, metadata={}
         )
         got = tracking._token_from_gate(task, "t2", again)  # type: ignore[arg-type]
-        assert got == tracking._NO_GATE
+        assert got == tracking._NOT_OURS
         # never registered (cannot happen with a gate's token, but must not skip the run)
         ghost = WorkerIdentity(worker_id="ghost@host", incarnation=uuid.uuid4(), metadata={})
         assert tracking._token_from_gate(task, "t1", ghost) == 1  # type: ignore[arg-type]

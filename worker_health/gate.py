@@ -53,6 +53,7 @@ from .clock import pause
 from .durability import relax_connection
 from .heartbeat import WorkerIdentity
 from .loopwriter import LoopWriter
+from .querysets import CLAIMER_FAILED
 from .relay import Relay, Relayed
 
 if TYPE_CHECKING:
@@ -200,11 +201,31 @@ class Gate:
             if token is None:
                 self._drop_duplicate(req)
                 return
+            if token == CLAIMER_FAILED:
+                self._give_back(req)
+                return
             req.request_dict[TOKEN_KEY] = token
             req.request_dict[CLAIMED_AT_KEY] = claimed_at
             self.process_task(req)
         except Exception:
             logger.exception("worker_health: could not pass %s[%s] on", req.name, req.id)
+
+    def _give_back(self, req: Request) -> None:
+        """This worker is marked failed (it was paused, cut off, and resumed before its
+        heart noticed): what it received goes back to the broker, unrun, for a live worker
+        (or for this one once its heart has recovered it). Never acknowledged and dropped:
+        it may be the only copy of the message."""
+        logger.warning(
+            "worker_health: %s is marked failed; %s[%s] goes back to the broker",
+            self.identity.worker_id,
+            req.name,
+            req.id,
+            extra={"task_id": req.id, "worker_id": self.identity.worker_id},
+        )
+        try:
+            req.reject(requeue=True)
+        finally:
+            _forget(req)
 
     def _drop_duplicate(self, req: Request) -> None:
         from .models import EventKind, event

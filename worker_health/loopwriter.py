@@ -36,6 +36,7 @@ from . import dbthread
 from .clock import pause
 from .conf import settings
 from .durability import prepares, session_settings
+from .querysets import claims_from_rows
 
 if TYPE_CHECKING:
     from celery.worker.request import Request
@@ -312,9 +313,9 @@ class LoopWriter:
         if untracked:  # rare (runs that started while the database was down)
             dbthread.submit(lambda: self._finish_untracked(untracked))
         claim = [
-            _batch_json([delivery_from_request(req).json_row() for req in batch]).encode(),
             str(self.worker_pk).encode(),
             str(self.gate.identity.incarnation).encode(),
+            _batch_json([delivery_from_request(req).json_row() for req in batch]).encode(),
             repr(float(settings.STALE_AFTER)).encode(),
         ]
         if batch and runs:
@@ -376,21 +377,17 @@ class LoopWriter:
         if result is None or result.status != pq.ExecStatus.TUPLES_OK:
             self._failed(kind, batch, done, result)
             return
-        tokens: dict[str, int | None] = {}
-        accepted: set[tuple[str, int]] = set()
-        # "both" tags its rows ('c'laim / 'f'inish); the others return (task id, token)
-        untagged = b"c" if kind == "claim" else b"f"
-        for row in range(result.ntuples):
-            values = [result.get_value(row, col) for col in range(result.nfields)]
-            tag = values[0] if kind == "both" else untagged
-            task_id, token = values[-2], values[-1]
-            assert task_id is not None and token is not None
-            if tag == b"c":
-                tokens[task_id.decode()] = int(token)
-            else:
-                accepted.add((task_id.decode(), int(token)))
+        # the claims tag their rows ('c'laim, 'f'inish, 'x': the claimer is failed); the
+        # finish alone returns (task id, token)
+        rows = [
+            tuple(result.get_value(row, col) for col in range(result.nfields))
+            for row in range(result.ntuples)
+        ]
+        if kind == "finish":
+            rows = [(b"f", *row) for row in rows]
+        tokens, accepted = claims_from_rows([req.id for req in batch], rows)
         self.gate._done_written()
-        self._release(batch, {req.id: tokens.get(req.id) for req in batch})
+        self._release(batch, tokens)
         stale = [c for c in done if c.token >= 0 and (c.task_id, c.token) not in accepted]
         if stale:
             dbthread.submit(lambda: self.gate._report_stale(stale, set()))

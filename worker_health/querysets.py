@@ -205,9 +205,19 @@ MESSAGE_FIELDS = (
 )
 
 
+#: the token of a claim refused because the claiming worker is marked failed (a zombie
+#: that resumed before its heart noticed): its deliveries go back to the broker
+CLAIMER_FAILED = -3
+
+#: the claiming worker (its row, this incarnation) when it may claim: not marked failed
+CLAIMER_SQL = """w AS MATERIALIZED (SELECT r.id AS worker, r.incarnation AS inc
+    FROM worker_registry r
+    WHERE r.id = %s::bigint AND r.incarnation = %s::uuid AND r.status <> 'failed')"""
+
 #: the claim of a batch of received messages (see ``TaskQuerySet.claim_received``): an
-#: upsert of the messages that takes each row only where it is claimable, as ``claim``
-CLAIM_RECEIVED_SQL = """
+#: upsert of the messages that takes each row only where it is claimable, as ``claim``,
+#: and only while the claiming worker is not marked failed (then one row ``'x'`` says so)
+CLAIM_UPSERT_SQL = """
 INSERT INTO task_queue AS t (task_id, task_name, status, queue, exchange, routing_key, body,
     content_type, content_encoding, headers, properties, eta, expires, claimed_by_id,
     claimed_incarnation, claimed_at, fencing_token, reclaim_count, publish_attempts, lost_on,
@@ -216,7 +226,7 @@ SELECT v.i, v.n, 'claimed', v.q, v.x, v.k, decode(v.b, 'base64'), v.ct, v.ce, v.
     v.eta, v.exp, w.worker, w.inc, now(), 1, 0, 0, '[]'::jsonb, now(), now()
 FROM json_to_recordset(%s::json) AS v(i text, n text, q text, x text, k text, b text,
     ct text, ce text, h jsonb, p jsonb, eta timestamptz, exp timestamptz)
-CROSS JOIN (SELECT %s::bigint AS worker, %s::uuid AS inc) AS w
+CROSS JOIN w
 ON CONFLICT (task_id) DO UPDATE SET
     task_name = EXCLUDED.task_name, queue = EXCLUDED.queue, exchange = EXCLUDED.exchange,
     routing_key = EXCLUDED.routing_key, body = EXCLUDED.body,
@@ -233,11 +243,21 @@ WHERE t.status IN ('queued', 'reserved', 'reclaiming') OR (t.status = 'claimed' 
 RETURNING t.task_id, t.fencing_token
 """
 
+#: rows tagged ``'c'`` (a claim and its token), or one ``'x'`` (the claimer is failed).
+#: Parameters: worker, incarnation, the batch, STALE_AFTER.
+CLAIM_RECEIVED_SQL = """
+WITH {claimer}, cl AS ({claim})
+SELECT 'c', task_id, fencing_token FROM cl
+UNION ALL SELECT 'x', NULL, NULL WHERE NOT EXISTS (SELECT 1 FROM w)
+"""
+
 #: the end of a batch of runs and the claim of a batch of received messages in one statement
-#: (the gate writes both at once: :meth:`TaskQuerySet.claim_and_finish`)
+#: (the gate writes both at once: :meth:`TaskQuerySet.claim_and_finish`). Parameters: the
+#: runs, then those of ``CLAIM_RECEIVED_SQL``.
 CLAIM_AND_FINISH_SQL = """
-WITH fin AS ({finish}), cl AS ({claim})
+WITH fin AS ({finish}), {claimer}, cl AS ({claim})
 SELECT 'f', task_id, fencing_token FROM fin UNION ALL SELECT 'c', task_id, fencing_token FROM cl
+UNION ALL SELECT 'x', NULL, NULL WHERE NOT EXISTS (SELECT 1 FROM w)
 """
 
 #: the publisher's record (see ``TaskQuerySet.record_published``)
@@ -265,9 +285,36 @@ RETURNING t.task_id, t.fencing_token
 """
 
 
+CLAIM_RECEIVED_SQL = CLAIM_RECEIVED_SQL.format(claimer=CLAIMER_SQL, claim=CLAIM_UPSERT_SQL.strip())
 CLAIM_AND_FINISH_SQL = CLAIM_AND_FINISH_SQL.format(
-    finish=FINISH_MANY_SQL.strip(), claim=CLAIM_RECEIVED_SQL.strip()
+    finish=FINISH_MANY_SQL.strip(), claimer=CLAIMER_SQL, claim=CLAIM_UPSERT_SQL.strip()
 )
+
+
+def claims_from_rows(
+    task_ids: Sequence[str], rows: Sequence[tuple[Any, Any, Any]]
+) -> tuple[dict[str, int | None], set[tuple[str, int]]]:
+    """The tokens of a claim statement's ``'c'`` rows by task id (``None``: must not run;
+    ``CLAIMER_FAILED`` for all when an ``'x'`` row says the claimer is failed), and the
+    ``'f'`` rows (finished runs accepted)."""
+    claimed: dict[str, int] = {}
+    finished: set[tuple[str, int]] = set()
+    refused = False
+    for kind, task_id, token in rows:
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind == "x":
+            refused = True
+        elif kind == "c":
+            claimed[_text(task_id)] = int(token)
+        else:
+            finished.add((_text(task_id), int(token)))
+    if refused:
+        return {task_id: CLAIMER_FAILED for task_id in task_ids}, finished
+    return {task_id: claimed.get(task_id) for task_id in task_ids}, finished
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _batch_json(rows: list[dict[str, Any]]) -> str:
@@ -481,16 +528,23 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         statement for the batch on PostgreSQL.
 
         Returns the new token by task id, or ``None`` for a delivery that must not run
-        (finished, or claimed by a live worker). Task ids must be distinct.
+        (finished, or claimed by a live worker), or ``CLAIMER_FAILED`` for every delivery
+        when the claiming worker is marked failed (a zombie that resumed before its heart
+        noticed: it must not take tasks that were reclaimed from it and run elsewhere; its
+        deliveries go back to the broker). Task ids must be distinct.
         """
         if not deliveries:
             return {}
         if connections[self.db].vendor == "postgresql":
             return self._claim_received_pg(deliveries, worker_pk, incarnation)
         ids = [d.task_id for d in deliveries]
+        refused: dict[str, int | None] = {task_id: CLAIMER_FAILED for task_id in ids}
         # The receipts first, in their own transaction (durable as soon as possible: on a
         # transport that drops a message once read, they are all that is left of it).
+        # Each transaction checks the claimer first (SQLite: the write lock is held).
         with transaction.atomic(using=self.db):
+            if not self._claimer_may_claim(worker_pk, incarnation):
+                return refused
             self.reserve(deliveries, worker_pk, incarnation)
         # Then the claims, three statements for the batch. The rows this UPDATE takes are
         # marked with a lease of its own (visible to nobody: it is cleared before commit)
@@ -500,6 +554,8 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
             Q(status="claimed") & ~_holder_alive()
         )
         with transaction.atomic(using=self.db):
+            if not self._claimer_may_claim(worker_pk, incarnation):
+                return refused
             self.filter(task_id__in=ids).filter(claimable).update(
                 status="claimed",
                 claimed_by=worker_pk,
@@ -520,6 +576,16 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
                 )
         return {task_id: tokens.get(task_id) for task_id in ids}
 
+    def _claimer_may_claim(self, worker_pk: int, incarnation: uuid.UUID) -> bool:
+        from .models import WorkerRegistry
+
+        return (
+            WorkerRegistry.objects.using(self.db)
+            .filter(pk=worker_pk, incarnation=incarnation)
+            .exclude(status="failed")
+            .exists()
+        )
+
     def _claim_received_pg(
         self, deliveries: Sequence[Delivery], worker_pk: int, incarnation: uuid.UUID
     ) -> dict[str, int | None]:
@@ -529,14 +595,13 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
             self.db,
             CLAIM_RECEIVED_SQL,
             [
-                _batch_json([d.json_row() for d in deliveries]),
                 worker_pk,
                 incarnation,
+                _batch_json([d.json_row() for d in deliveries]),
                 settings.STALE_AFTER,
             ],
         )
-        claimed = {task_id: int(token) for task_id, token in rows}
-        return {d.task_id: claimed.get(d.task_id) for d in deliveries}
+        return claims_from_rows([d.task_id for d in deliveries], rows)[0]
 
     def claim_and_finish(
         self,
@@ -566,15 +631,13 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
             CLAIM_AND_FINISH_SQL,
             [
                 _batch_json([{"i": i, "k": k, "s": st} for i, k, st in runs]),
-                _batch_json([d.json_row() for d in deliveries]),
                 worker_pk,
                 incarnation,
+                _batch_json([d.json_row() for d in deliveries]),
                 settings.STALE_AFTER,
             ],
         )
-        claimed = {task_id: int(token) for kind, task_id, token in rows if kind == "c"}
-        finished = {(task_id, int(token)) for kind, task_id, token in rows if kind == "f"}
-        return {d.task_id: claimed.get(d.task_id) for d in deliveries}, finished
+        return claims_from_rows([d.task_id for d in deliveries], rows)
 
     def confirm_claim(
         self, task_id: str, token: int, worker_pk: int, incarnation: uuid.UUID
@@ -618,12 +681,23 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
         queue: str,
         worker_pk: int,
         incarnation: uuid.UUID,
+        require_alive: bool = False,
     ) -> int | None:
         """Claim a task before its code runs. Returns the new fencing token, or ``None``
-        when this delivery must not run (finished, or running on a live worker)."""
+        when this delivery must not run (finished, or running on a live worker).
+
+        ``require_alive``: and not while the claiming worker is marked failed (a prefork
+        run whose gate claim was reclaimed while it waited: the task runs elsewhere)."""
+        from .models import WorkerRegistry
+
         claimable = Q(status__in=("queued", "reserved", "reclaiming")) | (
             Q(status="claimed") & ~_holder_alive()
         )
+        if require_alive:
+            claimer = WorkerRegistry.objects.filter(pk=worker_pk, incarnation=incarnation)
+            claimable = Q(claimable, Exists(claimer.exclude(status="failed")))  # type: ignore[assignment]
+            if not self._claimer_may_claim(worker_pk, incarnation):
+                return None
 
         values = {
             "status": "claimed",

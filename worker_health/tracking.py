@@ -355,8 +355,11 @@ def claim_before_start(task: Task, task_id: str, args: Any, kwargs: Any) -> None
         identity = identity_for(request.hostname)
         if identity is not None:
             token = _token_from_gate(task, task_id, identity)
-            if token == _NO_GATE:
-                token = _claim(task, task_id, queue, identity)
+            if token in (_NO_GATE, _NOT_OURS):
+                # A gate claim that was taken from this worker while the run waited (it
+                # was failed meanwhile) is claimed again only while the worker is not
+                # failed: otherwise the task was reclaimed and runs elsewhere.
+                token = _claim(task, task_id, queue, identity, require_alive=token == _NOT_OURS)
             if token is None:
                 logger.info(
                     "worker_health: skipping duplicate delivery of %s[%s]",
@@ -371,6 +374,8 @@ def claim_before_start(task: Task, task_id: str, args: Any, kwargs: Any) -> None
 
 
 _NO_GATE = -2
+#: the gate's claim of this run is not this worker's any more
+_NOT_OURS = -4
 
 
 def _token_from_gate(task: Task, task_id: str, identity: WorkerIdentity) -> int | None:
@@ -379,7 +384,8 @@ def _token_from_gate(task: Task, task_id: str, identity: WorkerIdentity) -> int 
 
     A run that waited in the pool's queue for longer than a heartbeat interval confirms
     first that its claim still holds: its worker may have been paused and declared failed
-    meanwhile, and the task reclaimed (the run then claims again, or is a duplicate).
+    meanwhile, and the task reclaimed (``_NOT_OURS``: the run claims again, unless its
+    worker is still failed, or is a duplicate).
     """
     token = getattr(task.request, TOKEN_KEY, None)
     if not isinstance(token, int):
@@ -410,7 +416,7 @@ def _token_from_gate(task: Task, task_id: str, identity: WorkerIdentity) -> int 
             )
             still_ours = True
         if not still_ours:
-            return _NO_GATE
+            return _NOT_OURS
     _tokens[task_id] = token
     return token
 
@@ -428,7 +434,9 @@ def _registered_pk(identity: WorkerIdentity) -> int | None:
     return identity.pk
 
 
-def _claim(task: Task, task_id: str, queue: str, identity: WorkerIdentity) -> int | None:
+def _claim(
+    task: Task, task_id: str, queue: str, identity: WorkerIdentity, require_alive: bool = False
+) -> int | None:
     from .models import TaskQueue
 
     def claim() -> int | None:
@@ -441,6 +449,7 @@ def _claim(task: Task, task_id: str, queue: str, identity: WorkerIdentity) -> in
             queue=queue,
             worker_pk=identity.pk,
             incarnation=identity.incarnation,
+            require_alive=require_alive,
         )
 
     try:
