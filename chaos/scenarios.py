@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from .stack import Stack, stack
@@ -50,6 +51,12 @@ class Result:
         return not self.problems
 
 
+def as_utc(value: Any) -> datetime:
+    """A timestamp read from PostgreSQL (aware) or SQLite (an ISO string, naive UTC)."""
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def account(s: Stack, result: Result, ids: list[str], runs: dict[str, int]) -> None:
     result.published = len(ids)
     result.lost = sum(1 for t in ids if runs.get(t, 0) == 0)
@@ -78,9 +85,7 @@ def wh_checks(
     slowest = 0.0
     for _name, created_at, last_heartbeat in failed:
         if last_heartbeat:
-            from datetime import datetime
-
-            waited = (created_at - datetime.fromisoformat(str(last_heartbeat))).total_seconds()
+            waited = (as_utc(created_at) - as_utc(last_heartbeat)).total_seconds()
             slowest = max(slowest, waited)
     if failed:
         result.notes.append(
@@ -310,7 +315,7 @@ def poison_pill(variant: str, broker: str, scale: Scale) -> Result:
             )
             alerts = s.query(
                 "SELECT count(*) FROM worker_health_event WHERE kind = 'alert_sent' "
-                "AND details::text LIKE '%%quarantined%%'"
+                "AND CAST(details AS TEXT) LIKE '%%quarantined%%'"
             )[0][0]
             result.notes.append(f"pill {status[0][0] if status else '?'}; {alerts} alert(s)")
             if not status or status[0][0] != "quarantined":

@@ -6,6 +6,9 @@
   server: it stays writable during the outage.
 * The broker is a private ``redis-server`` of the scenario's own (append-only file, can be
   restarted), or RabbitMQ behind a TCP proxy that can be cut.
+* ``broker="embedded"`` is the embedded default instead: worker_health's tables in a SQLite
+  file and kombu's filesystem transport (the example project's, which acknowledges), both
+  in the scenario's folder; the ledger stays on PostgreSQL.
 * ``variant`` picks the settings: ``worker_health`` (fast settings 1/3/1 s), ``celery``
   (Celery alone, default settings) or ``celery_acks_late`` (``acks_late`` +
   ``task_reject_on_worker_lost``).
@@ -17,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -43,6 +47,7 @@ from tests.integration.tcp_proxy import TcpProxy
 from .tasks import LEDGER_SQL
 
 VARIANTS = ("worker_health", "celery", "celery_acks_late")
+BROKERS = ("redis", "amqp", "embedded")
 FAST = {"HEARTBEAT_INTERVAL": 1.0, "STALE_AFTER": 3.0, "CHECK_INTERVAL": 1.0}
 
 
@@ -57,6 +62,8 @@ class Stack:
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(variant)
+        if broker not in BROKERS:
+            raise ValueError(broker)
         self.name = name
         self.variant = variant
         self.broker_kind = broker
@@ -77,11 +84,17 @@ class Stack:
         with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}"')
             conn.execute(f'CREATE DATABASE "{self.db_name}"')
-        run_manage(["migrate", "--noinput", "-v", "0"], database_url=self.db_url, variant="all")
+        run_manage(
+            ["migrate", "--noinput", "-v", "0"],
+            database_url=self.db_url,
+            variant="all",
+            EXAMPLE_VAR_DIR=str(self.workdir / "var"),
+        )
         with self.ledger() as conn:
             conn.execute(LEDGER_SQL)
-        pg = urlsplit(PG_SERVER)
-        self.db_proxy = TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432).start()
+        if not self.embedded:
+            pg = urlsplit(PG_SERVER)
+            self.db_proxy = TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432).start()
         if self.broker_kind == "redis":
             self.redis = PrivateRedis(self.workdir / "redis")
             self.redis.start()
@@ -96,8 +109,9 @@ class Stack:
     def close(self) -> None:
         for proc in self.procs.values():
             proc.kill_group()
-        with contextlib.suppress(Exception):
-            delete_queues(self.broker_url_direct, [self.queue])
+        if not self.embedded:
+            with contextlib.suppress(Exception):
+                delete_queues(self.broker_url_direct, [self.queue])
         if self.db_proxy is not None:
             self.db_proxy.close()
         if self.broker_proxy is not None:
@@ -121,11 +135,26 @@ class Stack:
 
     # -- addresses ---------------------------------------------------------------------------
     @property
-    def db_url(self) -> str:
+    def embedded(self) -> bool:
+        return self.broker_kind == "embedded"
+
+    @property
+    def ledger_url(self) -> str:
         return f"{PG_SERVER}/{self.db_name}"
 
     @property
+    def sqlite_path(self) -> Path:
+        return self.workdir / "worker_health.sqlite3"
+
+    @property
+    def db_url(self) -> str:
+        """worker_health's database."""
+        return f"sqlite:///{self.sqlite_path}" if self.embedded else self.ledger_url
+
+    @property
     def proxied_db_url(self) -> str:
+        if self.embedded:
+            return self.db_url  # a file: no connection to cut
         assert self.db_proxy is not None
         pg = urlsplit(PG_SERVER)
         auth = pg.netloc.rsplit("@", 1)[0] + "@" if "@" in pg.netloc else ""
@@ -133,6 +162,8 @@ class Stack:
 
     @property
     def broker_url(self) -> str:
+        if self.embedded:
+            return "filesystem://"
         if self.redis is not None:
             return self.redis.url
         if self.broker_proxy is not None:
@@ -148,7 +179,7 @@ class Stack:
         return self.broker_url
 
     def ledger(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.db_url, autocommit=True)
+        return psycopg.connect(self.ledger_url, autocommit=True)
 
     # -- processes ---------------------------------------------------------------------------
     def env(self, proxied: str = "yes", **extra: str) -> dict[str, str]:
@@ -156,7 +187,7 @@ class Stack:
             DJANGO_SETTINGS_MODULE="chaos.settings",
             BENCH_VARIANT="worker_health" if self.variant == "worker_health" else "plain",
             DATABASE_URL=self.proxied_db_url if proxied == "yes" else self.db_url,
-            CHAOS_LEDGER_URL=self.db_url,
+            CHAOS_LEDGER_URL=self.ledger_url,
             CELERY_BROKER_URL=self.broker_url,
             EXAMPLE_QUEUE=self.queue,
             EXAMPLE_VAR_DIR=str(self.workdir / "var"),
@@ -273,8 +304,16 @@ class Stack:
             time.sleep(0.25)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self.ledger() as conn:
-            return [tuple(r) for r in conn.execute(sql, list(params)).fetchall()]
+        """Read worker_health's tables (SQL with ``%s`` parameters, portable to SQLite)."""
+        if self.embedded:
+            conn = sqlite3.connect(self.sqlite_path, timeout=30)
+            try:
+                sql = sql.replace("%s", "?").replace("%%", "%")
+                return [tuple(r) for r in conn.execute(sql, list(params)).fetchall()]
+            finally:
+                conn.close()
+        with self.ledger() as pg:
+            return [tuple(r) for r in pg.execute(sql, list(params)).fetchall()]
 
     # -- helpers -------------------------------------------------------------------------------
     def every(self, seconds: float, duration: float, action: Callable[[int], None]) -> None:
