@@ -24,7 +24,9 @@ held. The loop stops before the pool has drained at shutdown: the gate's thread 
 over for the last completions.
 
 A delivery that may not run (the task finished, or a live worker runs it) is acknowledged
-and dropped here, never reaching the pool.
+and dropped here, never reaching the pool. A delivery received while this worker is marked
+failed (a zombie that resumed before its heart noticed) is rejected with requeue: it goes
+back to the broker, unrun and not lost.
 
 The ``solo``, ``eventlet`` and ``gevent`` pools run tasks on the caller's thread: for them
 there is no gate, and the pool process claims each task itself
