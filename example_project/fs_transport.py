@@ -17,9 +17,9 @@
    owned through an exclusive ``flock`` on its lock file, held while the process lives (the
    kernel drops it when the process dies, however it dies); any consumer that finds an
    owner's lock free moves its messages back to the queue: Redis's visibility timeout,
-   without the timeout. Processes forked by the reader (a prefork pool) inherit its lock:
-   a reader killed alone has its messages recovered once its pool processes have exited
-   too (they do when they notice, after their current task).
+   without the timeout. Processes forked by the reader inherit its lock: the messages of a
+   reader killed alone come back once they have exited too (Celery's prefork processes
+   are sent SIGKILL when their parent dies, on Linux: at once).
 """
 
 from __future__ import annotations
