@@ -52,9 +52,9 @@ def prepares(using: str) -> bool:
 #: the table (PostgreSQL CPU per claimed and finished task at 4,000 rows: 170 µs with it,
 #: 100 µs with index lookups). Index lookups cost the same at any size. Not applied when
 #: the server may be a pooler in transaction mode (:func:`prepares` is false): session
-#: settings would leak there to other clients' transactions. Nor on the heartbeat thread's
-#: connection: it runs the detector's sweeps, set-based queries planned as PostgreSQL sees
-#: fit (``docs/benchmarks.md``, detector scale).
+#: settings would leak there to other clients' transactions. Nor on the connections of the
+#: heart and of the thread that runs the detector's sweeps: set-based queries planned as
+#: PostgreSQL sees fit (``docs/benchmarks.md``, detector scale).
 INDEX_PLANS = (
     "SET enable_seqscan TO off",
     "SET enable_hashjoin TO off",

@@ -150,8 +150,64 @@ def register(identity: WorkerIdentity) -> None:
         reclaim.reclaim_tasks_of(registration.worker, reason="restarted")
 
 
+class Sweeper:
+    """Runs this worker's share of the detector's sweeps on a thread of its own, with its own
+    database connection (PostgreSQL's own plans: the sweeps are set-based). A sweep can take
+    long (a reclaim that publishes thousands of tasks, a slow or starved database); on the
+    heart's thread it would delay the worker's own heartbeats past ``STALE_AFTER`` and get
+    the worker that sweeps failed by another detector."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._due = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def poke(self) -> None:
+        """Sweep soon (at once unless a sweep is running; the sweep's lease in the database
+        spaces sweeps across every detector anyway)."""
+        if self._stopped:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"worker-health-sweep[{self.worker_id}]", daemon=True
+            )
+            self._thread.start()
+        self._due.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopped = True
+        self._due.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        from . import reclaim
+
+        try:
+            while True:
+                self._due.wait()
+                self._due.clear()
+                if self._stopped:
+                    return
+                try:
+                    relax_connection(index_plans=False)
+                    reclaim.sweep(who=self.worker_id)
+                except (DatabaseError, InterfaceError):
+                    # the heart reports outages; the next poke reconnects
+                    for conn in connections.all(initialized_only=True):
+                        with contextlib.suppress(Exception):  # broken anyway
+                            conn.close()
+                except Exception:
+                    logger.exception("worker_health: detector sweep failed")
+        finally:
+            connections.close_all()
+
+
 class Heart:
-    """Writes a heartbeat every ``HEARTBEAT_INTERVAL`` and takes part in detection."""
+    """Writes a heartbeat every ``HEARTBEAT_INTERVAL`` and takes part in detection (its
+    :class:`Sweeper` sweeps)."""
 
     def __init__(self, identity: WorkerIdentity) -> None:
         self.identity = identity
@@ -159,6 +215,7 @@ class Heart:
         self._thread: threading.Thread | None = None
         self._outage_started: float | None = None
         self._last_sweep_try = 0.0
+        self.sweeper = Sweeper(identity.worker_id)
         self.registered = identity.pk is not None
         self.beats = 0
         self.draining = False
@@ -176,6 +233,7 @@ class Heart:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self.sweeper.stop(timeout=min(timeout, 5.0))
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -359,14 +417,7 @@ class Heart:
         if now - self._last_sweep_try < settings.CHECK_INTERVAL * 0.5:
             return
         self._last_sweep_try = now
-        from . import reclaim
-
-        try:
-            reclaim.sweep(who=self.identity.worker_id)
-        except (DatabaseError, InterfaceError) as exc:
-            self._on_db_error(exc)
-        except Exception:
-            logger.exception("worker_health: detector sweep failed")
+        self.sweeper.poke()
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A *sweep* runs at most once per ``CHECK_INTERVAL`` across the whole cluster (a lease row in
 the database): celery beat's ``detect_failed_workers`` task triggers it, and so does every
-live worker's heartbeat thread, so detection never waits behind a backlog of user tasks.
+live worker's heart (on a thread of its own), so detection never waits behind a backlog
+of user tasks.
 A sweep
 
 1. fails every active worker whose heartbeat is older than ``STALE_AFTER`` by the
