@@ -43,8 +43,8 @@ KNOWN_FAILURES: dict[str, tuple[str, bool]] = {
     # retried (worker_health/completions.py), and the heartbeat's audit no longer trusts
     # Celery's ``state.requests``, which keeps the dropped requests (Consumer.on_close).
     # K2 (a zombie claimed while marked failed) and K4 (a slow start got a worker failed)
-    # were fixed: the claim checks the claimer, and a worker registers when its heart
-    # starts.
+    # were fixed: the claim checks the claimer; a worker registers when its heart starts,
+    # and its sweeps run off the heart's thread.
 }
 FULL_AMQP = ["storm", "zombie", "broker-restart"]
 #: the embedded default (SQLite + filesystem transport), worker_health only: a database
