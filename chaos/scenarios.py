@@ -106,7 +106,10 @@ def wh_checks(
             f"{result.never_received} lost by the broker before any worker received them"
         )
     if expect_no_loss and result.lost > result.never_received:
-        result.problems.append(f"{result.lost - result.never_received} received task(s) lost")
+        result.problems.append(
+            f"{result.lost - result.never_received} received task(s) lost: "
+            + "; ".join(lost_rows(s, runs, {str(t) for (t,) in never}))
+        )
     if result.twice > allowed_twice:
         result.problems.append(f"{result.twice} task(s) ran twice (allowed {allowed_twice})")
     fenced = s.query("SELECT count(*) FROM worker_health_event WHERE kind = 'stale_completion'")
@@ -120,6 +123,37 @@ def wh_checks(
     if unfinished:
         summary = ", ".join(f"{n} {status}" for status, n in unfinished)
         result.problems.append(f"rows not finished: {summary}")
+
+
+def lost_rows(s: Stack, runs: dict[str, int], never: set[str], limit: int = 5) -> list[str]:
+    """What worker_health's tables say of tasks that never ran though a worker received
+    them (their row, their events): enough to tell why from the run's output alone."""
+    ids = [
+        f"{s.prefix}{i}"
+        for i in range(s.published)
+        if runs.get(f"{s.prefix}{i}", 0) == 0 and f"{s.prefix}{i}" not in never
+    ]
+    described = []
+    for task_id in ids[:limit]:
+        row = s.query(
+            "SELECT status, fencing_token, reclaim_count, publish_attempts, body IS NULL, "
+            "claimed_by_id FROM task_queue WHERE task_id = %s",
+            [task_id],
+        )
+        events = s.query(
+            "SELECT kind, worker_name FROM worker_health_event WHERE task_id = %s ORDER BY id",
+            [task_id],
+        )
+        state = (
+            "no row"
+            if not row
+            else "status {}, token {}, reclaims {}, publishes {}, no body {}, holder {}".format(
+                *row[0]
+            )
+        )
+        kinds = ", ".join(f"{kind}@{worker}" for kind, worker in events) or "no events"
+        described.append(f"{task_id}: {state}; {kinds}")
+    return described
 
 
 def start_workers(s: Stack, names: list[str], **kwargs: Any) -> None:
