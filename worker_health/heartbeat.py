@@ -7,7 +7,6 @@ unreachable, and while Celery's event loop is blocked. It never touches the brok
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import platform
@@ -24,6 +23,7 @@ import celery
 from celery import bootsteps
 from django.db import DatabaseError, InterfaceError, close_old_connections, connections
 
+from . import dbthread
 from .conf import settings
 from .durability import relax_connection
 from .querysets import db_now_minus
@@ -195,10 +195,7 @@ class Sweeper:
                     relax_connection(index_plans=False)
                     reclaim.sweep(who=self.worker_id)
                 except (DatabaseError, InterfaceError):
-                    # the heart reports outages; the next poke reconnects
-                    for conn in connections.all(initialized_only=True):
-                        with contextlib.suppress(Exception):  # broken anyway
-                            conn.close()
+                    dbthread.drop_connections()  # the heart reports outages; next poke reconnects
                 except Exception:
                     logger.exception("worker_health: detector sweep failed")
         finally:
@@ -342,10 +339,7 @@ class Heart:
             worker_recovered.send_robust(sender=WorkerRegistry, worker=worker)
 
     def _on_db_error(self, exc: BaseException) -> None:
-        close_old_connections()
-        for conn in connections.all(initialized_only=True):
-            with contextlib.suppress(Exception):  # the connection is broken anyway
-                conn.close()
+        dbthread.drop_connections()
         if self._outage_started is None:
             self._outage_started = time.monotonic()
             logger.warning(
