@@ -42,10 +42,11 @@ def test_a_forked_process_relays_completions_in_order(relay: Relay) -> None:
         return all(relay.send(f"t{i}", i, "succeeded", "SUCCESS") for i in range(100))
 
     in_child(child)
-    in_child(lambda: relay.send('odd\nid\t"é', 7, "failed", "FAILURE"))
+    odd = ['odd\nid\t"é', "[looks-like-json]", "sep\x1finside", '["t",1,"s","S"]', ""]
+    in_child(lambda: all(relay.send(task_id, 7, "failed", "FAILURE") for task_id in odd))
     got = relay.receive()
     assert got[:100] == [Relayed(f"t{i}", i, "succeeded", "SUCCESS") for i in range(100)]
-    assert got[100:] == [Relayed('odd\nid\t"é', 7, "failed", "FAILURE")]
+    assert got[100:] == [Relayed(task_id, 7, "failed", "FAILURE") for task_id in odd]
     assert relay.receive() == []  # nothing twice
 
 

@@ -165,6 +165,45 @@ def test_delivery_from_request_encodes_a_text_body() -> None:
     assert d.body == '[[], {"x": "é"}, {}]'.encode()
 
 
+@pytest.mark.parametrize(
+    ("body", "headers", "properties", "info"),
+    [
+        (b'[[1, 2], {"x": "\\u00e9"}, {}]', None, None, None),
+        ('[[], {"x": "é"}, {}]', None, None, None),
+        (None, {}, {}, {}),
+        (
+            b"\x80\x04\x95pickled",
+            {
+                "id": "t1",
+                "eta": datetime(2030, 1, 1, tzinfo=timezone.utc),
+                "expires": "2030-01-02T00:00:00+00:00",
+                "timelimit": (None, 5),
+                "nested": {"when": datetime(2030, 1, 1), 3: [object(), (1, 2)]},
+                7: "int key",
+                "obj": object(),
+                "stamps": {},
+            },
+            {"delivery_mode": 2, "priority": 0, "correlation_id": "t1", "x": 1},
+            {"exchange": None, "routing_key": None},
+        ),
+        (b"{}", {"eta": "not a date", "expires": ""}, None, {"exchange": "ex"}),
+    ],
+)
+def test_claim_row_is_the_json_row_of_the_delivery(
+    body: Any, headers: Any, properties: Any, info: Any
+) -> None:
+    """The loop writer's fast path builds exactly what the gate's thread sends."""
+    request = fake_request(body)
+    message = request.message
+    if headers is not None:
+        message.headers = headers
+    if properties is not None:
+        message.properties = properties
+    if info is not None:
+        message.delivery_info = info
+    assert tracking.claim_row(request) == tracking.delivery_from_request(request).json_row()
+
+
 # --------------------------------------------------------------------------------------------
 # Task.replace
 

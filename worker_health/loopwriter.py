@@ -306,7 +306,7 @@ class LoopWriter:
     def _params(self, batch: list[Request], done: list[Relayed]) -> tuple[str, list[bytes]]:
         """The statement to send and its parameters (none: nothing to send)."""
         from .querysets import _batch_json
-        from .tracking import delivery_from_request
+        from .tracking import claim_row
 
         runs = [{"i": c.task_id, "k": c.token, "s": c.status} for c in done if c.token >= 0]
         untracked = [c for c in done if c.token < 0]
@@ -315,7 +315,7 @@ class LoopWriter:
         claim = [
             str(self.worker_pk).encode(),
             str(self.gate.identity.incarnation).encode(),
-            _batch_json([delivery_from_request(req).json_row() for req in batch]).encode(),
+            _batch_json([claim_row(req) for req in batch]).encode(),
             repr(float(settings.STALE_AFTER)).encode(),
         ]
         if batch and runs:

@@ -18,14 +18,15 @@ import contextlib
 import json
 import os
 import select
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: writes of at most this many bytes to a pipe are atomic (POSIX guarantees 512)
 MAX_LINE = min(getattr(select, "PIPE_BUF", 512), 4096)
+#: separates a line's fields (a task id holding it, or a newline, goes as a JSON line)
+SEP = "\x1f"
 
 
-@dataclass(frozen=True)
-class Relayed:
+class Relayed(NamedTuple):
     task_id: str
     token: int
     status: str
@@ -49,8 +50,13 @@ class Relay:
         """Relay one completion; ``False``: write it yourself."""
         if os.getpid() == self.owner_pid:
             return False  # not a forked pool process (the threads pool): nothing to gain
-        line = json.dumps([task_id, token, status, state], separators=(",", ":")).encode()
-        line += b"\n"
+        # Fields joined by a separator (a JSON line only for a task id holding it or a
+        # newline): this runs once per task in every pool process.
+        if SEP in task_id or "\n" in task_id:
+            text = json.dumps([task_id, token, status, state], separators=(",", ":"))
+        else:
+            text = f"{task_id}{SEP}{token}{SEP}{status}{SEP}{state}"
+        line = (text + "\n").encode()
         if len(line) > MAX_LINE:
             return False
         try:
@@ -77,7 +83,10 @@ class Relay:
         out = []
         for line in lines:
             try:
-                task_id, token, status, state = json.loads(line)
+                if b"\x1f" in line:  # never in a JSON line: json escapes control characters
+                    task_id, token, status, state = line.decode().split(SEP)
+                else:
+                    task_id, token, status, state = json.loads(line)
                 out.append(Relayed(str(task_id), int(token), str(status), str(state)))
             except (ValueError, TypeError):  # cannot happen with atomic writes; never fatal
                 continue
