@@ -53,13 +53,49 @@ def test_defaults(clean: SettingsWrapper) -> None:
     assert wh_settings.OUTAGE_GAP == wh_settings.STALE_AFTER
 
 
-def test_values_are_read_on_every_access(clean: SettingsWrapper) -> None:
+def test_values_follow_every_change_of_the_settings(clean: SettingsWrapper) -> None:
     assert wh_settings.HEARTBEAT_INTERVAL == 30.0
     clean.WORKER_HEALTH_HEARTBEAT_INTERVAL = 5
     assert wh_settings.HEARTBEAT_INTERVAL == 5.0
+    assert wh_settings.STALE_AFTER == 10.0  # derived values too
     with override_settings(WORKER_HEALTH_HEARTBEAT_INTERVAL=7):
         assert wh_settings.HEARTBEAT_INTERVAL == 7.0
+        assert wh_settings.STALE_AFTER == 14.0
     assert wh_settings.HEARTBEAT_INTERVAL == 5.0
+    assert wh_settings.STALE_AFTER == 10.0
+
+
+def test_a_value_is_kept_until_a_setting_changes(
+    clean: SettingsWrapper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read once (several are read for every task), then kept: Django's settings are not
+    asked again until ``setting_changed`` says a WORKER_HEALTH_* setting changed."""
+    clean.WORKER_HEALTH_TRACK_TASKS = ["app.*"]
+    assert wh_settings.TRACK_TASKS == ("app.*",)
+    reads: list[str] = []
+    original = Settings.raw
+
+    def counting(self: Settings, name: str, default: Any = None) -> Any:
+        reads.append(name)
+        return original(self, name, default)
+
+    monkeypatch.setattr(Settings, "raw", counting)
+    for _ in range(3):
+        assert wh_settings.TRACK_TASKS == ("app.*",)
+    assert reads == []
+    with override_settings(LANGUAGE_CODE="fr"):  # not ours: nothing is read again
+        assert wh_settings.TRACK_TASKS == ("app.*",)
+    assert reads == []
+    clean.WORKER_HEALTH_TRACK_TASKS = ["other.*"]
+    assert wh_settings.TRACK_TASKS == ("other.*",)
+    assert reads == ["TRACK_TASKS"]
+
+
+def test_an_invalid_value_is_never_kept(clean: SettingsWrapper) -> None:
+    clean.WORKER_HEALTH_MAX_RECLAIMS = -1
+    for _ in range(2):
+        with pytest.raises(ImproperlyConfigured):
+            wh_settings.MAX_RECLAIMS  # noqa: B018
 
 
 def test_a_fresh_settings_object_sees_the_same_values(clean: SettingsWrapper) -> None:

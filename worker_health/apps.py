@@ -15,8 +15,12 @@ class WorkerHealthConfig(AppConfig):
     def ready(self) -> None:
         from celery import signals as celery_signals
         from django.core import checks as django_checks
+        from django.core.signals import setting_changed
 
-        from . import beat, checks, heartbeat, tasks, tracking  # noqa: F401 - registers tasks
+        from . import beat, checks, conf, heartbeat, tasks, tracking  # noqa: F401 - registers tasks
+
+        setting_changed.connect(conf.reload, dispatch_uid="worker_health.settings")
+        conf.reload()  # anything read before the app was ready is read again
 
         django_checks.register(checks.check_settings, "worker_health")
         django_checks.register(checks.check_alert_and_endpoint_settings, "worker_health")

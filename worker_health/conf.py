@@ -1,17 +1,21 @@
-"""The package's settings, read lazily as ``WORKER_HEALTH_<NAME>`` on every access.
+"""The package's settings, read lazily as ``WORKER_HEALTH_<NAME>``.
 
-Reading on access (never at import time) keeps ``override_settings`` and pytest-django's
-``settings`` fixture working, and never mutates the user's settings. Values are validated
-by the system checks in :mod:`worker_health.checks`; the accessors here return the values
-as numbers and raise ``ImproperlyConfigured`` only if a check was skipped.
+A value is read on its first access (never at import time) and kept until Django's
+``setting_changed`` signal says a ``WORKER_HEALTH_*`` setting changed (connected in
+``AppConfig.ready()``), as Django REST framework's ``api_settings`` do: that keeps
+``override_settings`` and pytest-django's ``settings`` fixture working, never mutates the
+user's settings, and costs a dictionary lookup on the hot path (several of these are read
+for every task). Values are validated by the system checks in :mod:`worker_health.checks`;
+the accessors here return the values as numbers and raise ``ImproperlyConfigured`` (never
+kept) only if a check was skipped.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
@@ -34,8 +38,50 @@ def positive_number(value: Any) -> float | None:
     return number
 
 
+T = TypeVar("T")
+
+#: bumped when a WORKER_HEALTH_* setting changes: every kept value is read again
+_generation = 0
+
+
+def reload(*, setting: str = "", **kwargs: Any) -> None:
+    """``setting_changed`` receiver: forget the values read so far."""
+    global _generation
+    if not setting or setting.startswith(PREFIX):
+        _generation += 1
+
+
+class setting(Generic[T]):  # a decorator, as ``property``
+    """A ``Settings`` property whose value is kept until the settings change."""
+
+    def __init__(self, compute: Callable[[Settings], T]) -> None:
+        self.compute = compute
+        self.name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> setting[T]: ...
+
+    @overload
+    def __get__(self, obj: Settings, owner: type | None = None) -> T: ...
+
+    def __get__(self, obj: Settings | None, owner: type | None = None) -> setting[T] | T:
+        if obj is None:
+            return self
+        kept = obj._kept.get(self.name)
+        if kept is not None and kept[0] == _generation:
+            return kept[1]
+        generation = _generation
+        value = self.compute(obj)
+        obj._kept[self.name] = (generation, value)
+        return value
+
+
 class Settings:
     """Typed view over the ``WORKER_HEALTH_*`` Django settings."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[int, Any]] = {}
 
     def raw(self, name: str, default: Any = _UNSET) -> Any:
         """The user's value for ``WORKER_HEALTH_<name>``, or ``default``."""
@@ -53,27 +99,27 @@ class Settings:
             )
         return number
 
-    @property
+    @setting
     def HEARTBEAT_INTERVAL(self) -> float:
         """Seconds between two heartbeats of a worker."""
         return self._seconds("HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL)
 
-    @property
+    @setting
     def STALE_AFTER(self) -> float:
         """Seconds without a heartbeat (by the database's clock) after which a worker failed."""
         return self._seconds("STALE_AFTER", 2 * self.HEARTBEAT_INTERVAL)
 
-    @property
+    @setting
     def CHECK_INTERVAL(self) -> float:
         """Seconds between two detector sweeps."""
         return self._seconds("CHECK_INTERVAL", self.HEARTBEAT_INTERVAL)
 
-    @property
+    @setting
     def BEAT_SCHEDULE(self) -> bool:
         """Whether the detector and the pruner are added to celery beat's schedule."""
         return bool(self.raw("BEAT_SCHEDULE", True))
 
-    @property
+    @setting
     def MAX_RECLAIMS(self) -> int:
         """How many times one task may be reclaimed before it is quarantined."""
         value = self.raw("MAX_RECLAIMS", DEFAULT_MAX_RECLAIMS)
@@ -83,7 +129,7 @@ class Settings:
             )
         return value
 
-    @property
+    @setting
     def TRACK_TASKS(self) -> tuple[str, ...] | None:
         """Task-name patterns / queue names to track; ``None`` means every task."""
         value = self.raw("TRACK_TASKS", None)
@@ -96,7 +142,7 @@ class Settings:
             )
         return tuple(str(item) for item in value)
 
-    @property
+    @setting
     def RETENTION(self) -> timedelta:
         """How long finished task rows and events are kept."""
         value = self.raw("RETENTION", DEFAULT_RETENTION)
@@ -111,7 +157,7 @@ class Settings:
             )
         return timedelta(seconds=seconds)
 
-    @property
+    @setting
     def OUTAGE_GAP(self) -> float:
         """A pause in detector sweeps longer than this restarts every worker's grace period.
 
@@ -121,19 +167,19 @@ class Settings:
         """
         return self.STALE_AFTER
 
-    @property
+    @setting
     def SYNCHRONOUS_COMMIT(self) -> bool:
         """Wait for PostgreSQL's WAL flush on tracking writes (see durability.py)."""
         return bool(self.raw("SYNCHRONOUS_COMMIT", False))
 
-    @property
+    @setting
     def HEARTBEAT_RETRY_MAX(self) -> float:
         """Longest wait between two heartbeat attempts while the database is unreachable."""
         return max(0.05, min(self.HEARTBEAT_INTERVAL / 2, 2.0))
 
     # -- alerts and endpoints ------------------------------------------------------------------
 
-    @property
+    @setting
     def NOTIFIERS(self) -> tuple[tuple[str, dict[str, Any]], ...]:
         """Alert notifiers as ``(dotted path, options)``; none by default.
 
@@ -161,7 +207,7 @@ class Settings:
                 )
         return tuple(specs)
 
-    @property
+    @setting
     def ALERT_ON(self) -> frozenset[str]:
         """The signals that raise an alert (names from :mod:`worker_health.signals`)."""
         value = self.raw("ALERT_ON", DEFAULT_ALERT_ON)
@@ -177,7 +223,7 @@ class Settings:
             )
         return frozenset(value)
 
-    @property
+    @setting
     def ALERT_RATE_LIMIT(self) -> int:
         """At most this many alerts per ``ALERT_WINDOW``; the rest are sent as one summary."""
         value = self.raw("ALERT_RATE_LIMIT", DEFAULT_ALERT_RATE_LIMIT)
@@ -187,12 +233,12 @@ class Settings:
             )
         return value
 
-    @property
+    @setting
     def ALERT_WINDOW(self) -> float:
         """Seconds of the alert rate limit's window."""
         return self._seconds("ALERT_WINDOW", DEFAULT_ALERT_WINDOW)
 
-    @property
+    @setting
     def API_TOKEN(self) -> str | None:
         """Bearer token accepted by the JSON and metrics endpoints; ``None`` disables tokens."""
         value = self.raw("API_TOKEN", None)
@@ -205,7 +251,7 @@ class Settings:
             )
         return value
 
-    @property
+    @setting
     def MIN_ACTIVE_WORKERS(self) -> int:
         """The readiness endpoint answers 200 when at least this many workers are live."""
         value = self.raw("MIN_ACTIVE_WORKERS", 1)
@@ -215,7 +261,7 @@ class Settings:
             )
         return value
 
-    @property
+    @setting
     def READY_PUBLIC(self) -> bool:
         """Whether the readiness endpoint answers without authentication."""
         value = self.raw("READY_PUBLIC", False)
