@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -22,7 +22,7 @@ from tests.factories import (
     make_task,
     make_worker,
 )
-from worker_health.models import DetectorState, TaskQueue, WorkerEvent, WorkerRegistry
+from worker_health.models import DetectorState, EventKind, TaskQueue, WorkerEvent, WorkerRegistry
 from worker_health.querysets import CLAIMER_FAILED, db_now_minus
 
 pytestmark = pytest.mark.django_db(databases="__all__")
@@ -111,18 +111,44 @@ def test_beat_of_another_incarnation_or_a_failed_worker_writes_nothing(alias: st
 def test_recover_makes_a_failed_worker_active_again(alias: str) -> None:
     worker = make_worker(alias, status="failed", heartbeat_age=300)
     qs = WorkerRegistry.objects.using(alias)
-    assert qs.recover(worker.worker_id, worker.incarnation, 3) == 1
+    recovered = qs.recover(worker.worker_id, worker.incarnation, 3)
+    assert recovered is not None and recovered.pk == worker.pk
     worker.refresh_from_db(using=alias)
     assert worker.status == "active"
     assert worker.tasks_processed == 3
     assert not qs.stale(60).exists()
+    # its event, written with it
+    events = WorkerEvent.objects.using(alias).filter(kind=EventKind.WORKER_RECOVERED)
+    assert [(e.worker_id, e.details) for e in events] == [
+        (worker.pk, {"previous_status": "failed"})
+    ]
     # already active: nothing to recover
-    assert qs.recover(worker.worker_id, worker.incarnation, 4) == 0
+    assert qs.recover(worker.worker_id, worker.incarnation, 4) is None
+    assert events.count() == 1
+
+
+def test_a_recovery_and_its_event_are_one_transaction(
+    alias: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that comes back is never silently active: if its event cannot be written,
+    its row stays failed."""
+    from worker_health import models
+
+    worker = make_worker(alias, status="failed", heartbeat_age=300)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise DatabaseError("the event's insert failed")
+
+    monkeypatch.setattr(models, "event", broken)
+    with pytest.raises(DatabaseError):
+        WorkerRegistry.objects.using(alias).recover(worker.worker_id, worker.incarnation, 3)
+    worker.refresh_from_db(using=alias)
+    assert worker.status == "failed"
 
 
 def test_recover_ignores_another_incarnation(alias: str) -> None:
     worker = make_worker(alias, status="offline")
-    assert WorkerRegistry.objects.using(alias).recover(worker.worker_id, uuid.uuid4(), 0) == 0
+    assert WorkerRegistry.objects.using(alias).recover(worker.worker_id, uuid.uuid4(), 0) is None
     worker.refresh_from_db(using=alias)
     assert worker.status == "offline"
 

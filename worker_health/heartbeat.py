@@ -287,7 +287,7 @@ class Heart:
         return True
 
     def _write_heartbeat(self) -> None:
-        from .models import EventKind, WorkerRegistry, event
+        from .models import WorkerRegistry
         from .signals import worker_recovered
 
         ident = self.identity
@@ -326,9 +326,8 @@ class Heart:
                 )
                 request_warm_shutdown()
             return
-        if WorkerRegistry.objects.recover(ident.worker_id, ident.incarnation, processed):
-            worker = WorkerRegistry.objects.get(worker_id=ident.worker_id)
-            event(EventKind.WORKER_RECOVERED, worker=worker, previous_status=row["status"])
+        worker = WorkerRegistry.objects.recover(ident.worker_id, ident.incarnation, processed)
+        if worker is not None:
             logger.warning(
                 "worker_recovered: %s heartbeats again after it was marked %s; the tasks it "
                 "held were reclaimed and its late results are fenced off",

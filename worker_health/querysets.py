@@ -104,14 +104,29 @@ class WorkerQuerySet(models.QuerySet["WorkerRegistry"]):
             last_heartbeat=Now(), tasks_processed=tasks_processed
         )
 
-    def recover(self, worker_id: str, incarnation: uuid.UUID, tasks_processed: int) -> int:
-        """A worker declared failed heartbeats again (it was paused or cut off): active."""
-        return self.filter(worker_id=worker_id, incarnation=incarnation, status="failed").update(
-            status="active",
-            last_heartbeat=Now(),
-            status_changed_at=Now(),
-            tasks_processed=tasks_processed,
-        )
+    def recover(
+        self, worker_id: str, incarnation: uuid.UUID, tasks_processed: int
+    ) -> WorkerRegistry | None:
+        """A worker declared failed heartbeats again (it was paused or cut off): active,
+        with its ``worker_recovered`` event in the same transaction (never silently active
+        again, even if the process dies right after). The worker's row, or ``None``."""
+        from .models import EventKind, event
+
+        with transaction.atomic(using=self.db):
+            if not self.filter(
+                worker_id=worker_id, incarnation=incarnation, status="failed"
+            ).update(
+                status="active",
+                last_heartbeat=Now(),
+                status_changed_at=Now(),
+                tasks_processed=tasks_processed,
+            ):
+                return None
+            worker = self.get(worker_id=worker_id)
+            event(
+                EventKind.WORKER_RECOVERED, worker=worker, previous_status="failed", using=self.db
+            )
+        return worker
 
     def mark_offline(self, worker_id: str, incarnation: uuid.UUID | None = None) -> int:
         """Warm shutdown (or an operator's drain): the worker left on purpose."""
