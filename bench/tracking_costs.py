@@ -238,7 +238,7 @@ def run_costs(n: int) -> str:
         for statement in INDEX_PLANS:
             cursor.execute(statement.replace(" off", " on"))
     gate_step(
-        "planner", 4, note="Django's default planner settings: a hash join over the whole table"
+        "planner", 4, note="Django's default planner settings: a hash join (of the batch's rows)"
     )
     connection.close()
 

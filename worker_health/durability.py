@@ -50,7 +50,9 @@ def prepares(using: str) -> bool:
 #: rows) to ``task_queue`` by task id; on a table of a few thousand rows, or one analysed
 #: while small, the planner prefers a sequential scan and a hash join, whose cost grows with
 #: the table (PostgreSQL CPU per claimed and finished task at 4,000 rows: 170 µs with it,
-#: 100 µs with index lookups). Index lookups cost the same at any size. Not applied when
+#: 100 µs with index lookups). Index lookups cost the same at any size. (The finish also
+#: bounds its rows by an index condition on the batch's task ids, which holds whatever the
+#: plan: ``FINISH_MANY_SQL``.) Not applied when
 #: the server may be a pooler in transaction mode (:func:`prepares` is false): session
 #: settings would leak there to other clients' transactions. Nor on the connections of the
 #: heart and of the thread that runs the detector's sweeps: set-based queries planned as
