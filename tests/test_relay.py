@@ -44,9 +44,11 @@ def test_a_forked_process_relays_completions_in_order(relay: Relay) -> None:
     in_child(child)
     odd = ['odd\nid\t"é', "[looks-like-json]", "sep\x1finside", '["t",1,"s","S"]', ""]
     in_child(lambda: all(relay.send(task_id, 7, "failed", "FAILURE") for task_id in odd))
+    in_child(lambda: relay.send("t", 8, "failed", "ODD\x1fSTATE\n"))
     got = relay.receive()
     assert got[:100] == [Relayed(f"t{i}", i, "succeeded", "SUCCESS") for i in range(100)]
-    assert got[100:] == [Relayed(task_id, 7, "failed", "FAILURE") for task_id in odd]
+    assert got[100:-1] == [Relayed(task_id, 7, "failed", "FAILURE") for task_id in odd]
+    assert got[-1] == Relayed("t", 8, "failed", "ODD\x1fSTATE\n")
     assert relay.receive() == []  # nothing twice
 
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 #: writes of at most this many bytes to a pipe are atomic (POSIX guarantees 512)
 MAX_LINE = min(getattr(select, "PIPE_BUF", 512), 4096)
-#: separates a line's fields (a task id holding it, or a newline, goes as a JSON line)
+#: separates a line's fields (a line whose fields hold it, or a newline, goes as JSON)
 SEP = "\x1f"
 
 
@@ -50,12 +50,11 @@ class Relay:
         """Relay one completion; ``False``: write it yourself."""
         if os.getpid() == self.owner_pid:
             return False  # not a forked pool process (the threads pool): nothing to gain
-        # Fields joined by a separator (a JSON line only for a task id holding it or a
-        # newline): this runs once per task in every pool process.
-        if SEP in task_id or "\n" in task_id:
+        # Fields joined by a separator (a JSON line only for a task id or a state holding
+        # it or a newline): this runs once per task in every pool process.
+        text = f"{task_id}{SEP}{token}{SEP}{status}{SEP}{state}"
+        if text.count(SEP) != 3 or "\n" in text:
             text = json.dumps([task_id, token, status, state], separators=(",", ":"))
-        else:
-            text = f"{task_id}{SEP}{token}{SEP}{status}{SEP}{state}"
         line = (text + "\n").encode()
         if len(line) > MAX_LINE:
             return False
