@@ -59,7 +59,7 @@ def test_hot_path_statements_look_tasks_up_by_task_id_whatever_the_table(
     on an empty table, or on one of a few thousand rows, it must still look each task up
     by its id: a sequential scan, a hash join or a full scan of an index costs more with
     every row the table gains (measured before the ``= ANY`` condition: PostgreSQL CPU per
-    finished task grew from 0.4 to 1 ms as such a table went from 3,000 to 9,000 rows)."""
+    finished task grew from 0.4 to 1 ms as such a table went from 3,000 to 12,000 rows)."""
     connections[alias].close()
     if rows:
         _fill(alias, rows)

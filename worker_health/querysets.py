@@ -293,8 +293,8 @@ WHERE t.status IN ('succeeded', 'failed')
 #: an index condition on their task ids (``= ANY``), whatever the plan: a generic plan made
 #: while the table was small (a young installation, a worker started after a TRUNCATE)
 #: otherwise joins the batch to a full scan of the task_id index, and keeps that plan while
-#: the table grows (PostgreSQL CPU per statement grew with the table: about 1 ms at 15,000
-#: rows). (``IS TRUE`` keeps the status out of the index conditions.)
+#: the table grows (PostgreSQL CPU per finished task grew with the table: 0.4 ms at 3,000
+#: rows, 1 ms at 12,000). (``IS TRUE`` keeps the status out of the index conditions.)
 FINISH_MANY_SQL = """
 WITH runs AS MATERIALIZED (
     SELECT * FROM json_to_recordset(%s::json) AS r(i text, k integer, s text))
