@@ -42,7 +42,7 @@ def test_a_forked_process_relays_completions_in_order(relay: Relay) -> None:
         return all(relay.send(f"t{i}", i, "succeeded", "SUCCESS") for i in range(100))
 
     in_child(child)
-    odd = ['odd\nid\t"é', "[looks-like-json]", "sep\x1finside", '["t",1,"s","S"]', ""]
+    odd = ['odd\nid\t"é', "[looks-like-json]", "sep\x1finside", '["t",1,"s","S"]', "", "\ud800"]
     in_child(lambda: all(relay.send(task_id, 7, "failed", "FAILURE") for task_id in odd))
     in_child(lambda: relay.send("t", 8, "failed", "ODD\x1fSTATE\n"))
     got = relay.receive()

@@ -52,10 +52,14 @@ class Relay:
             return False  # not a forked pool process (the threads pool): nothing to gain
         # Fields joined by a separator (a JSON line only for a task id or a state holding
         # it or a newline): this runs once per task in every pool process.
-        text = f"{task_id}{SEP}{token}{SEP}{status}{SEP}{state}"
-        if text.count(SEP) != 3 or "\n" in text:
-            text = json.dumps([task_id, token, status, state], separators=(",", ":"))
-        line = (text + "\n").encode()
+        text = f"{task_id}{SEP}{token}{SEP}{status}{SEP}{state}\n"
+        try:
+            if text.count(SEP) != 3 or text.count("\n") != 1:
+                raise ValueError
+            line = text.encode()
+        except ValueError:  # (also a lone surrogate, which UTF-8 cannot encode)
+            line = json.dumps([task_id, token, status, state], separators=(",", ":")).encode()
+            line += b"\n"
         if len(line) > MAX_LINE:
             return False
         try:
