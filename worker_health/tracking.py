@@ -159,49 +159,19 @@ def _requeue_own(task_id: str, token: int) -> None:
 # receive (worker main process)
 
 
-def delivery_from_request(request: Request) -> Delivery:
-    message = request.message
-    info = message.delivery_info or {}
-    headers = dict(message.headers or {})
-    props = {
-        k: v
-        for k, v in (message.properties or {}).items()
-        if k in ("correlation_id", "reply_to", "priority", "delivery_mode")
-    }
-    body = message.body
-    if isinstance(body, str):
-        body = body.encode(message.content_encoding or "utf-8")
-    queue = info.get("routing_key") or ""
-    return Delivery(
-        task_id=request.id,
-        task_name=request.name,
-        queue=queue,
-        exchange=info.get("exchange") or "",
-        routing_key=info.get("routing_key") or "",
-        body=bytes(body) if body is not None else None,
-        content_type=message.content_type or "",
-        content_encoding=message.content_encoding or "",
-        headers=_json_safe(headers),
-        properties=props,
-        eta=_parse_time(headers.get("eta")),
-        expires=_parse_time(headers.get("expires")),
-    )
-
-
 _SCALARS = frozenset((str, int, float, bool, type(None)))
 _PROPERTIES = ("correlation_id", "reply_to", "priority", "delivery_mode")
 
 
-def claim_row(request: Request) -> dict[str, Any]:
-    """``delivery_from_request(request).json_row()``, built directly: the loop writer
-    calls it for every received task on the worker's event loop, where the dataclass and
-    a call per header cost about three times as much (``tests/test_tracking.py`` checks
-    that both agree)."""
+def _message_parts(
+    request: Request,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], bytes | None]:
+    """A received message's delivery info, headers as JSON values, kept properties and
+    body as bytes: what :func:`delivery_from_request` and :func:`claim_row` both store."""
     message = request.message
-    info = message.delivery_info or {}
     headers = message.headers or {}
     safe = {}
-    for key, value in headers.items():
+    for key, value in headers.items():  # one call per header only where one is needed
         safe[key if type(key) is str else str(key)] = (
             value if type(value) in _SCALARS else _json_safe(value)
         )
@@ -209,9 +179,43 @@ def claim_row(request: Request) -> dict[str, Any]:
     body = message.body
     if isinstance(body, str):
         body = body.encode(message.content_encoding or "utf-8")
+    return (
+        message.delivery_info or {},
+        safe,
+        {key: properties[key] for key in _PROPERTIES if key in properties},
+        bytes(body) if body is not None else None,
+    )
+
+
+def delivery_from_request(request: Request) -> Delivery:
+    message = request.message
+    info, headers, properties, body = _message_parts(request)
+    queue = info.get("routing_key") or ""
+    return Delivery(
+        task_id=request.id,
+        task_name=request.name,
+        queue=queue,
+        exchange=info.get("exchange") or "",
+        routing_key=info.get("routing_key") or "",
+        body=body,
+        content_type=message.content_type or "",
+        content_encoding=message.content_encoding or "",
+        headers=headers,
+        properties=properties,
+        eta=_parse_time((message.headers or {}).get("eta")),
+        expires=_parse_time((message.headers or {}).get("expires")),
+    )
+
+
+def claim_row(request: Request) -> dict[str, Any]:
+    """``delivery_from_request(request).json_row()`` without the dataclass: the loop writer
+    calls it for every received task on the worker's event loop (``tests/test_tracking.py``
+    checks that both agree)."""
+    message = request.message
+    info, headers, properties, body = _message_parts(request)
     routing_key = info.get("routing_key") or ""
-    eta = _parse_time(headers.get("eta"))
-    expires = _parse_time(headers.get("expires"))
+    eta = _parse_time((message.headers or {}).get("eta"))
+    expires = _parse_time((message.headers or {}).get("expires"))
     return {
         "i": request.id,
         "n": request.name,
@@ -221,8 +225,8 @@ def claim_row(request: Request) -> dict[str, Any]:
         "b": None if body is None else b2a_base64(body, newline=False).decode(),
         "ct": message.content_type or "",
         "ce": message.content_encoding or "",
-        "h": safe,
-        "p": {key: properties[key] for key in _PROPERTIES if key in properties},
+        "h": headers,
+        "p": properties,
         "eta": None if eta is None else eta.isoformat(),
         "exp": None if expires is None else expires.isoformat(),
     }
