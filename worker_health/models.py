@@ -68,6 +68,13 @@ class WorkerRegistry(models.Model):
                 condition=Q(status="active"),
             ),
             models.Index(fields=["status", "status_changed_at"], name="wh_worker_status_idx"),
+            # the detector's fast path: workers that stopped draining (heartbeats of active
+            # workers never touch it: the condition leaves their rows out)
+            models.Index(
+                fields=["last_heartbeat"],
+                name="wh_worker_offline_hb_idx",
+                condition=Q(status="offline"),
+            ),
         ]
         # the admin's actions, each behind its own permission
         permissions = [
@@ -214,6 +221,9 @@ class DetectorState(models.Model):
     last_sweep_by = models.CharField(max_length=255, blank=True, default="")
     last_sweep_duration = models.FloatField(null=True, blank=True)
     last_success_at = models.DateTimeField(null=True, blank=True)
+    #: the last sweep that looked for orphaned tasks of every worker, not only of the
+    #: workers that died recently
+    last_full_scan_at = models.DateTimeField(null=True, blank=True)
 
     objects = DetectorStateManager()
 

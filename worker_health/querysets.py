@@ -145,6 +145,26 @@ class WorkerQuerySet(models.QuerySet["WorkerRegistry"]):
             self.stale(stale_after).filter(pk=pk).update(status="failed", status_changed_at=Now())
         )
 
+    def recently_dead(self, within: float, stale_after: float) -> WorkerQuerySet:
+        """Workers that stopped running in the last ``within`` seconds (by the database's
+        clock): failed since then, or marked offline and silent for ``stale_after`` (done
+        draining) since then. Found by index, however many workers the table holds."""
+        failed = Q(status="failed", status_changed_at__gte=db_now_minus(within))
+        drained = Q(
+            status="offline",
+            last_heartbeat__lt=db_now_minus(stale_after),
+            last_heartbeat__gte=db_now_minus(stale_after + within),
+        )
+        return self.filter(failed | drained)
+
+    def holding_tasks(self) -> WorkerQuerySet:
+        """Workers with at least one task in a held status (any incarnation)."""
+        from .models import HELD_STATUSES, TaskQueue
+
+        return self.filter(
+            Exists(TaskQueue.objects.filter(claimed_by=OuterRef("pk"), status__in=HELD_STATUSES))
+        )
+
     def delete_inactive_older_than(self, days: float) -> int:
         qs = self.exclude(status="active").filter(status_changed_at__lt=db_now_minus(days * 86400))
         deleted, _ = qs.delete()
@@ -882,6 +902,14 @@ class DetectorStateManager(models.Manager["DetectorState"]):
     def observed_for(self, seconds: float) -> bool:
         """Has the detector watched without a gap for at least ``seconds``?"""
         return self.filter(pk=1, observing_since__lte=db_now_minus(seconds)).exists()
+
+    def take_full_scan(self, every: float) -> bool:
+        """Is this sweep the one (at most every ``every`` seconds) that looks for orphaned
+        tasks across the whole table? Call only while holding the sweep lease."""
+        due = Q(last_full_scan_at__isnull=True) | Q(last_full_scan_at__lte=db_now_minus(every))
+        if self.filter(due, pk=1).update(last_full_scan_at=Now()):
+            return True
+        return not self.filter(pk=1).exists()  # no detector state yet: nothing was scanned
 
     def record_sweep_done(self, duration: float) -> None:
         self.filter(pk=1).update(last_sweep_duration=duration, last_success_at=Now())

@@ -8,16 +8,19 @@ A sweep
 
 1. fails every active worker whose heartbeat is older than ``STALE_AFTER`` by the
    database's clock, unless the outage guard says the detector itself was not watching;
-2. reclaims every task held by a worker incarnation that is no longer active: the task is
-   moved to ``reclaiming`` under a row lock, and after commit its recorded message is
-   published again, byte for byte, with the same task id (or it is quarantined once it has
-   been reclaimed ``MAX_RECLAIMS`` times);
+2. reclaims every task held by a worker incarnation that is no longer active (found from
+   the workers that died recently, and every ``FULL_SCAN_EVERY`` intervals across every
+   held task): the tasks are moved to ``reclaiming`` under row locks, a batch at a time,
+   and after commit their recorded messages are published again, byte for byte, with the
+   same task ids (or a task is quarantined once it has been reclaimed ``MAX_RECLAIMS``
+   times);
 3. re-publishes reclaims whose publish did not go through (the outbox).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 import uuid
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from django.db import connections, router, transaction
-from django.db.models import F, Q
+from django.db.models import BooleanField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
 from . import publish
@@ -36,6 +39,7 @@ from .models import (
     EventKind,
     TaskQueue,
     TaskStatus,
+    WorkerEvent,
     WorkerRegistry,
     event,
 )
@@ -136,13 +140,37 @@ def fail_stale_workers() -> list[str]:
     return failed
 
 
-def reclaim_orphans() -> ReclaimOutcome:
-    """Reclaim every task held by a worker incarnation that is no longer active."""
+#: a sweep looks at every held task for orphans at most this many check intervals apart;
+#: the others look only at the workers that died in the last ``2 x FULL_SCAN_EVERY``
+FULL_SCAN_EVERY = 10
+
+
+def reclaim_orphans(*, full: bool | None = None) -> ReclaimOutcome:
+    """Reclaim every task held by a worker incarnation that is no longer active.
+
+    A sweep starts from the workers that died recently (failed, or done draining, in the
+    last ``2 x FULL_SCAN_EVERY`` check intervals: found by index) and takes their held
+    tasks by the held-tasks index, so its cost follows the dead workers and their tasks,
+    not how many tasks the live workers hold. Every ``FULL_SCAN_EVERY`` check intervals
+    one sweep (``full``) looks at every held task instead, the safety net for what the
+    fast path cannot see: rows of an older incarnation of a live worker whose reclaim at
+    registration failed, a worker dead before a detector outage longer than the window.
+    """
+    interval = settings.CHECK_INTERVAL * FULL_SCAN_EVERY
+    if full is None:
+        full = DetectorState.objects.take_full_scan(interval * 0.9)
+    if full:
+        holders = list(
+            TaskQueue.objects.orphaned().order_by().values_list("claimed_by", flat=True).distinct()
+        )
+    else:
+        holders = list(
+            WorkerRegistry.objects.recently_dead(2 * interval, settings.STALE_AFTER)
+            .holding_tasks()
+            .values_list("pk", flat=True)
+        )
     outcome = ReclaimOutcome()
-    holders = (
-        TaskQueue.objects.orphaned().order_by().values_list("claimed_by", flat=True).distinct()
-    )
-    for worker_pk in list(holders):
+    for worker_pk in holders:
         worker = WorkerRegistry.objects.filter(pk=worker_pk).first()
         if worker is None:
             continue
@@ -220,7 +248,15 @@ def reclaim(
 ) -> ReclaimOutcome:
     """Move the held tasks in ``qs`` to ``reclaiming`` (or ``quarantined``) and publish
     them again after commit. Safe to run from several processes at once: each task is
-    moved by exactly one of them, and only that one publishes it."""
+    moved by exactly one of them, and only that one publishes it.
+
+    Set-based: per batch of ``batch_size`` rows, one locking SELECT, one UPDATE per group
+    of rows that change alike (usually one), and after commit one SELECT, the publishes,
+    an UPDATE per 100 published and one INSERT of the batch's events. The rows are locked
+    (``FOR UPDATE SKIP LOCKED``: a concurrent reclaimer takes other rows) or, on SQLite,
+    read and written in one serializable transaction, so the UPDATE by primary key
+    changes exactly the rows read, in the state they were read in.
+    """
     db = router.db_for_write(TaskQueue)
     outcome = ReclaimOutcome()
     max_reclaims = settings.MAX_RECLAIMS
@@ -229,66 +265,50 @@ def reclaim(
         batch = ReclaimOutcome()
         quarantined_rows: list[dict[str, Any]] = []
         with transaction.atomic(using=db):
-            rows = list(
-                _lockable(qs.using(db).filter(status__in=("reserved", "claimed")), db)
-                .order_by("pk")
-                .values(
-                    "pk",
-                    "task_id",
-                    "task_name",
-                    "status",
-                    "fencing_token",
-                    "claimed_incarnation",
-                    "reclaim_count",
-                    "lost_on",
-                    "body",
-                )[:batch_size]
-            )
+            rows = _held_rows(qs, db, batch_size)
             if not rows:
                 break
+            groups: dict[tuple[str, bool, str], list[int]] = {}
             for row in rows:
                 # A task killed while running counts against its budget; one that was only
                 # waiting in the dead worker's prefetch buffer does not.
                 counts = count and row["status"] == TaskStatus.CLAIMED
                 quarantine = counts and row["reclaim_count"] >= max_reclaims
-                unpublishable = row["body"] is None and not quarantine
-                lost_on = [*(row["lost_on"] or []), worker_name][-20:]
-                updates: dict[str, Any] = {
-                    "claimed_by": None,
-                    "claimed_incarnation": None,
-                    "reclaimed_at": Now(),
-                    "updated_at": Now(),
-                    "lost_on": lost_on if counts else row["lost_on"] or [],
-                }
-                if counts:
-                    updates["reclaim_count"] = F("reclaim_count") + 1
+                status: str
                 if quarantine:
-                    updates.update(status=TaskStatus.QUARANTINED, finished_at=Now())
-                elif unpublishable:
+                    status = TaskStatus.QUARANTINED
+                elif not row["has_body"]:
                     # Never recorded its message (died within milliseconds of receiving
                     # it): nothing to publish; mark it queued for the broker's redelivery.
-                    updates.update(status=TaskStatus.QUEUED)
+                    status = TaskStatus.QUEUED
                 else:
-                    updates.update(
-                        status=TaskStatus.RECLAIMING, reclaim_lease=lease, publish_attempts=0
-                    )
-                won = (
-                    TaskQueue.objects.using(db)
-                    .filter(
-                        pk=row["pk"],
-                        status=row["status"],
-                        fencing_token=row["fencing_token"],
-                        claimed_incarnation=row["claimed_incarnation"],
-                    )
-                    .update(**updates)
-                )
-                if not won:
-                    continue
+                    status = TaskStatus.RECLAIMING
+                lost_on = list(row["lost_on"] or [])
+                if counts:
+                    lost_on = [*lost_on, worker_name][-20:]
+                key = (status, counts, json.dumps(lost_on))
+                groups.setdefault(key, []).append(row["pk"])
                 if quarantine:
                     batch.quarantined.append(row["task_id"])
                     quarantined_rows.append({**row, "lost_on": lost_on})
                 else:
                     batch.reclaimed.append(row["task_id"])
+            for (status, counts, lost_on_json), pks in groups.items():
+                updates: dict[str, Any] = {
+                    "status": status,
+                    "claimed_by": None,
+                    "claimed_incarnation": None,
+                    "reclaimed_at": Now(),
+                    "updated_at": Now(),
+                    "lost_on": json.loads(lost_on_json),
+                }
+                if counts:
+                    updates["reclaim_count"] = F("reclaim_count") + 1
+                if status == TaskStatus.QUARANTINED:
+                    updates["finished_at"] = Now()
+                elif status == TaskStatus.RECLAIMING:
+                    updates.update(reclaim_lease=lease, publish_attempts=0)
+                TaskQueue.objects.using(db).filter(pk__in=pks).update(**updates)
             transaction.on_commit(
                 functools.partial(
                     _after_commit, lease, batch, quarantined_rows, reason, worker_name, db
@@ -301,6 +321,20 @@ def reclaim(
     return outcome
 
 
+def _held_rows(qs: TaskQuerySet, db: str, batch_size: int) -> list[dict[str, Any]]:
+    """The next ``batch_size`` held rows of ``qs``, locked (skipping rows another reclaimer
+    holds) where the database can."""
+    rows = (
+        _lockable(qs.using(db).filter(status__in=("reserved", "claimed")), db)
+        .order_by("pk")
+        .annotate(has_body=ExpressionWrapper(Q(body__isnull=False), output_field=BooleanField()))
+        .values("pk", "task_id", "task_name", "status", "reclaim_count", "lost_on", "has_body")[
+            :batch_size
+        ]
+    )
+    return [dict(row) for row in rows]
+
+
 def _after_commit(
     lease: uuid.UUID,
     batch: ReclaimOutcome,
@@ -311,17 +345,40 @@ def _after_commit(
 ) -> None:
     published = publish_reclaimed(Q(reclaim_lease=lease), db)
     results_integration.reset_started(batch.reclaimed)
-    for task_id in batch.reclaimed:
-        task = TaskQueue.objects.using(db).filter(task_id=task_id).first()
-        event(
-            EventKind.TASK_RECLAIMED,
+    tasks = {
+        task.task_id: task
+        for task in TaskQueue.objects.using(db).filter(
+            task_id__in=[*batch.reclaimed, *(row["task_id"] for row in quarantined_rows)]
+        )
+    }
+    events = [
+        WorkerEvent(
+            kind=EventKind.TASK_RECLAIMED,
             worker_name=worker_name,
             task_id=task_id,
-            using=db,
-            reason=reason,
-            published=task_id in published,
-            reclaim_count=task.reclaim_count if task else None,
+            details={
+                "reason": reason,
+                "published": task_id in published,
+                "reclaim_count": tasks[task_id].reclaim_count if task_id in tasks else None,
+            },
         )
+        for task_id in batch.reclaimed
+    ]
+    messages = {
+        row["task_id"]: quarantine_message(row["task_name"], row["lost_on"])
+        for row in quarantined_rows
+    }
+    events += [
+        WorkerEvent(
+            kind=EventKind.TASK_QUARANTINED,
+            worker_name=worker_name,
+            task_id=row["task_id"],
+            details={"message": messages[row["task_id"]], "lost_on": row["lost_on"]},
+        )
+        for row in quarantined_rows
+    ]
+    WorkerEvent.objects.using(db).bulk_create(events, batch_size=500)
+    for task_id in batch.reclaimed:
         logger.warning(
             "task_reclaimed: %s from %s (%s)",
             task_id,
@@ -329,28 +386,21 @@ def _after_commit(
             reason,
             extra={"task_id": task_id, "worker_id": worker_name, "reason": reason},
         )
-        if task is not None:
+        if task_id in tasks:
             task_reclaimed.send_robust(
-                sender=TaskQueue, task=task, worker_id=worker_name, reason=reason
+                sender=TaskQueue, task=tasks[task_id], worker_id=worker_name, reason=reason
             )
     for row in quarantined_rows:
-        message = quarantine_message(row["task_name"], row["lost_on"])
+        message = messages[row["task_id"]]
         results_integration.mark_quarantined(row["task_id"], message)
-        event(
-            EventKind.TASK_QUARANTINED,
-            worker_name=worker_name,
-            task_id=row["task_id"],
-            using=db,
-            message=message,
-            lost_on=row["lost_on"],
-        )
         logger.error(
             "task_quarantined: %s",
             message,
             extra={"task_id": row["task_id"], "worker_id": worker_name},
         )
-        task = TaskQueue.objects.using(db).filter(task_id=row["task_id"]).first()
-        task_quarantined.send_robust(sender=TaskQueue, task=task, worker_id=worker_name)
+        task_quarantined.send_robust(
+            sender=TaskQueue, task=tasks.get(row["task_id"]), worker_id=worker_name
+        )
 
 
 def quarantine_message(task_name: str, lost_on: Iterable[str]) -> str:
@@ -367,10 +417,32 @@ def quarantine_message(task_name: str, lost_on: Iterable[str]) -> str:
 
 
 def publish_reclaimed(condition: Q, db: str) -> set[str]:
-    """Publish the ``reclaiming`` rows matching ``condition``; mark each queued once sent."""
+    """Publish the ``reclaiming`` rows matching ``condition``; mark them queued once sent
+    (an UPDATE per ``MARK_EVERY`` published: a crash in between leaves at most that many
+    to be published again by the outbox, a copy the claim skips)."""
     published: set[str] = set()
+    sent: list[int] = []
+
+    def mark_sent() -> None:
+        if sent:
+            TaskQueue.objects.using(db).filter(pk__in=sent, status=TaskStatus.RECLAIMING).filter(
+                condition
+            ).update(
+                status=TaskStatus.QUEUED,
+                reclaim_lease=None,
+                publish_attempts=F("publish_attempts") + 1,
+                updated_at=Now(),
+            )
+            sent.clear()
+
     rows = TaskQueue.objects.using(db).filter(condition, status=TaskStatus.RECLAIMING)
-    for task in list(rows):
+    pks = list(rows.order_by("pk").values_list("pk", flat=True))
+    tasks = (
+        task
+        for start in range(0, len(pks), MARK_EVERY)
+        for task in rows.filter(pk__in=pks[start : start + MARK_EVERY]).order_by("pk")
+    )
+    for task in tasks:
         try:
             publish.republish(task)
         except Exception:
@@ -380,16 +452,16 @@ def publish_reclaimed(condition: Q, db: str) -> set[str]:
                 extra={"task_id": task.task_id},
             )
             continue
-        TaskQueue.objects.using(db).filter(
-            pk=task.pk, status=TaskStatus.RECLAIMING, reclaim_lease=task.reclaim_lease
-        ).update(
-            status=TaskStatus.QUEUED,
-            reclaim_lease=None,
-            publish_attempts=F("publish_attempts") + 1,
-            updated_at=Now(),
-        )
+        sent.append(task.pk)
         published.add(task.task_id)
+        if len(sent) >= MARK_EVERY:
+            mark_sent()
+    mark_sent()
     return published
+
+
+#: published reclaims are marked queued in groups of this many
+MARK_EVERY = 100
 
 
 def outbox_grace() -> float:
