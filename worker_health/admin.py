@@ -58,6 +58,7 @@ from .models import (
     EventKind,
     HealthOverview,
     TaskQueue,
+    TaskStatus,
     WorkerEvent,
     WorkerRegistry,
     event,
@@ -559,6 +560,46 @@ def decode_arguments(task: TaskQueue) -> tuple[dict[str, Any] | None, str]:
     return None, "unrecognised message layout"
 
 
+#: the statuses that set ``finished_at``
+FINISHED_STATUSES = (
+    TaskStatus.SUCCEEDED,
+    TaskStatus.FAILED,
+    TaskStatus.REVOKED,
+    TaskStatus.QUARANTINED,
+)
+
+#: the order of the task list: newest rows first
+TASK_ORDERING: tuple[str, ...] = ("-pk",)
+
+#: The order of a list filtered by one status, each served by an index. The default ``-pk``
+#: walks the primary key backwards past the rows of every other status until it has a page:
+#: 530 ms for the claimed tasks among a million rows. Finished rows come in the order of
+#: ``wh_task_finished_idx`` (status, finished_at), and rows being reclaimed in that of
+#: ``wh_task_reclaiming_idx``, so the page's ``LIMIT`` stops the scan; held tasks (a few per
+#: live worker) are all found through ``wh_task_held_idx`` and sorted. ``pk`` only breaks
+#: ties. Queued tasks keep ``-pk``: a backlog is mostly new rows, at the end of the key.
+STATUS_ORDERING: dict[str, tuple[str, ...]] = {
+    **{str(status): ("-claimed_at", "-pk") for status in HELD_STATUSES},
+    str(TaskStatus.RECLAIMING): ("-reclaimed_at", "-pk"),
+    **{str(status): ("-finished_at", "-pk") for status in FINISHED_STATUSES},
+}
+
+
+def search_candidates(search_term: str) -> list[str]:
+    """The task ids a search box entry may mean: as typed without the whitespace around it
+    (a pasted id), and also without quotes around it (``"id"`` or ``'id'``, which Django's
+    search unquotes too). Case is kept: task ids are case-sensitive."""
+    term = search_term.strip()
+    if not term:
+        return []
+    candidates = [term]
+    if len(term) > 2 and term[0] == term[-1] and term[0] in "\"'":
+        inner = term[1:-1].strip()
+        if inner:
+            candidates.append(inner)
+    return candidates
+
+
 @admin.register(TaskQueue)
 class TaskQueueAdmin(ReadOnlyAdmin):
     list_display = (
@@ -573,12 +614,13 @@ class TaskQueueAdmin(ReadOnlyAdmin):
     )
     # status has static choices; the others are text boxes: no filter lists its values
     list_filter = ("status", TaskNameFilter, TaskWorkerFilter, TaskQueueNameFilter)
-    search_fields = ("=task_id",)
-    search_help_text = "Exact task id"
+    # shows the search box; the search itself is get_search_results (an exact, indexed match)
+    search_fields = ("task_id",)
+    search_help_text = "Exact task id (case-sensitive)"
     list_select_related = ("claimed_by",)
     list_per_page = 100
     paginator = CappedCountPaginator
-    ordering = ("-pk",)
+    ordering = TASK_ORDERING  # and STATUS_ORDERING: see get_ordering
     actions = ("requeue_quarantined",)
     change_list_template = "worker_health/admin/capped_change_list.html"
     readonly_fields = (
@@ -655,6 +697,28 @@ class TaskQueueAdmin(ReadOnlyAdmin):
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return DeferredBodyChangeList
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[TaskQueue], search_term: str
+    ) -> tuple[QuerySet[TaskQueue], bool]:
+        """A search is a task id, compared exactly: ``task_id = '...'`` is one probe of the
+        unique index ``wh_task_id_uniq``. (Django's ``=task_id`` compares
+        ``UPPER(task_id)``, which no index serves: a scan of the whole table, 400 ms with a
+        million rows; and Celery task ids are case-sensitive.)"""
+        candidates = search_candidates(search_term)
+        if not candidates:
+            return queryset, False
+        if len(candidates) == 1:
+            return queryset.filter(task_id=candidates[0]), False
+        return queryset.filter(task_id__in=candidates), False
+
+    def get_ordering(self, request: HttpRequest) -> tuple[str, ...]:
+        """``STATUS_ORDERING`` when the list is filtered by one status (a column the user
+        sorts by still comes first)."""
+        statuses = {*request.GET.getlist("status__exact"), *request.GET.getlist("status")}
+        if len(statuses) == 1:
+            return STATUS_ORDERING.get(statuses.pop(), TASK_ORDERING)
+        return TASK_ORDERING
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
