@@ -77,6 +77,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def run_delay_seconds(pid: int) -> float:
+    """Time the process's main thread spent runnable but waiting for a CPU (0 if gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def backend_pids(db: BenchDatabase) -> list[int]:
     with psycopg.connect(db.url, autocommit=True) as conn:
         rows = conn.execute(
@@ -91,10 +99,12 @@ class CpuSample:
     main: float
     children: float
     postgres: float
+    main_waiting: float
 
     @classmethod
     def take(cls, worker: Proc, db: BenchDatabase) -> CpuSample:
         return cls(
+            main_waiting=run_delay_seconds(worker.pid),
             main=cpu_seconds(worker.pid),
             children=sum(cpu_seconds(p) for p in worker.children()),
             postgres=sum(cpu_seconds(p) for p in backend_pids(db)),
@@ -110,6 +120,8 @@ class Run:
     cpu_main_us: float
     cpu_children_us: float
     cpu_postgres_us: float
+    #: the main thread runnable but not running (another process had the CPU)
+    main_waiting_us: float = 0.0
     db: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -230,6 +242,7 @@ class Bench:
             cpu_main_us=(cpu_end.main - cpu_start.main) / counted * 1e6,
             cpu_children_us=(cpu_end.children - cpu_start.children) / counted * 1e6,
             cpu_postgres_us=(cpu_end.postgres - cpu_start.postgres) / counted * 1e6,
+            main_waiting_us=(cpu_end.main_waiting - cpu_start.main_waiting) / counted * 1e6,
             db=db,
         )
 
@@ -294,6 +307,7 @@ def summary(runs: list[Run], variants: tuple[str, ...]) -> tuple[str, dict[str, 
                 else "-",
                 f"{median([r.publish_us for r in vruns]):.0f}",
                 f"{median([r.cpu_main_us for r in vruns]):.0f}",
+                f"{median([r.main_waiting_us for r in vruns]):.0f}",
                 f"{median([r.cpu_children_us for r in vruns]):.0f}",
                 f"{median([r.cpu_postgres_us for r in vruns]):.0f}",
                 f"{median([r.db.get('xact_commit', 0) for r in vruns]):.2f}",
@@ -303,7 +317,8 @@ def summary(runs: list[Run], variants: tuple[str, ...]) -> tuple[str, dict[str, 
     headers = [
         "variant", "tasks/s per round", "median tasks/s", "ratio to plain",
         "ratio range (per round)", "publish µs/task", "worker main CPU µs/task",
-        "pool CPU µs/task", "PostgreSQL CPU µs/task", "commits/task", "rows written/task",
+        "main thread waiting for a CPU µs/task", "pool CPU µs/task", "PostgreSQL CPU µs/task",
+        "commits/task", "rows written/task",
     ]  # fmt: skip
     return table(headers, rows), rates
 
@@ -436,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"round {round_no + 1} {variant:14s} {run.rate:7.0f} tasks/s  "
                         f"publish {run.publish_us:5.0f} µs/task  cpu main {run.cpu_main_us:4.0f} "
-                        f"pool {run.cpu_children_us:4.0f} pg {run.cpu_postgres_us:4.0f} µs/task  "
+                        f"(waiting {run.main_waiting_us:4.0f}) pool {run.cpu_children_us:4.0f} "
+                        f"pg {run.cpu_postgres_us:4.0f} µs/task  "
                         f"commits/task {run.db.get('xact_commit', 0):.2f}",
                         flush=True,
                     )

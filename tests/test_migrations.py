@@ -27,10 +27,15 @@ def test_makemigrations_finds_nothing_for_worker_health() -> None:
 @pytest.mark.parametrize("alias", ALIASES)
 def test_named_indexes_exist(alias: str) -> None:
     expected = {
-        "worker_registry": {"wh_worker_active_hb_idx", "wh_worker_status_idx"},
+        "worker_registry": {
+            "wh_worker_active_hb_idx",
+            "wh_worker_status_idx",
+            "wh_worker_offline_hb_idx",
+        },
         "task_queue": {
             "wh_task_held_idx",
             "wh_task_reclaiming_idx",
+            "wh_task_unpicked_idx",
             "wh_task_finished_idx",
             "wh_task_name_idx",
             "wh_task_id_uniq",
@@ -60,6 +65,7 @@ def test_task_queue_has_no_index_that_nothing_uses(alias: str) -> None:
     assert indexes == {
         "wh_task_held_idx",
         "wh_task_reclaiming_idx",
+        "wh_task_unpicked_idx",
         "wh_task_finished_idx",
         "wh_task_name_idx",
         "wh_task_id_uniq",

@@ -103,6 +103,11 @@ class TaskQueue(models.Model):
         on_delete=models.SET_NULL,
         related_name="claims",
         db_index=False,  # covered by the partial index below
+        # No database constraint: its check on deleting a worker scans the whole table
+        # (no index covers claimed_by outside the held statuses, and one would cost every
+        # claim and finish a write). Django's SET_NULL still clears the references, in one
+        # UPDATE per deletion; nothing else deletes workers.
+        db_constraint=False,
     )
     #: incarnation of ``claimed_by`` that holds the task
     claimed_incarnation = models.UUIDField(null=True, blank=True)
@@ -114,7 +119,8 @@ class TaskQueue(models.Model):
     reclaim_lease = models.UUIDField(null=True, blank=True)
     reclaimed_at = models.DateTimeField(null=True, blank=True)
     #: publishes of the current reclaim; a reclaimed message that no live worker picked up
-    #: (e.g. RabbitMQ pushed it to a paused worker's prefetch) is published again, backing off
+    #: (e.g. RabbitMQ pushed it to a paused worker's prefetch) is published again, backing off.
+    #: 0 again once a worker receives the task: a later retry is not a lost publish.
     publish_attempts = models.PositiveSmallIntegerField(default=0)
     #: workers that died holding this task, oldest first (for the quarantine message)
     lost_on = models.JSONField(default=list, blank=True)
@@ -152,6 +158,13 @@ class TaskQueue(models.Model):
                 fields=["reclaimed_at"],
                 name="wh_task_reclaiming_idx",
                 condition=Q(status="reclaiming"),
+            ),
+            # the outbox: reclaims published that no live worker received (no row of the hot
+            # path is ever in it: a claim sets publish_attempts to 0)
+            models.Index(
+                fields=["reclaimed_at"],
+                name="wh_task_unpicked_idx",
+                condition=Q(status="queued", publish_attempts__gt=0),
             ),
             # retention: finished rows by age; and counts by status
             models.Index(fields=["status", "finished_at"], name="wh_task_finished_idx"),

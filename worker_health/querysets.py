@@ -269,7 +269,8 @@ ON CONFLICT (task_id) DO UPDATE SET
     headers = EXCLUDED.headers, properties = EXCLUDED.properties, eta = EXCLUDED.eta,
     expires = EXCLUDED.expires, status = 'claimed', claimed_by_id = EXCLUDED.claimed_by_id,
     claimed_incarnation = EXCLUDED.claimed_incarnation, claimed_at = now(),
-    fencing_token = t.fencing_token + 1, reclaim_lease = NULL, updated_at = now()
+    fencing_token = t.fencing_token + 1, reclaim_lease = NULL, publish_attempts = 0,
+    updated_at = now()
 WHERE t.status IN ('queued', 'reserved', 'reclaiming') OR (t.status = 'claimed' AND NOT EXISTS (
     SELECT 1 FROM worker_registry r
     WHERE r.id = t.claimed_by_id AND r.incarnation = t.claimed_incarnation
@@ -558,6 +559,7 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
             claimed_incarnation=incarnation,
             claimed_at=Now(),
             reclaim_lease=None,
+            publish_attempts=0,
             updated_at=Now(),
         )
 
@@ -604,6 +606,7 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
                 claimed_at=Now(),
                 fencing_token=F("fencing_token") + 1,
                 reclaim_lease=marker,
+                publish_attempts=0,
                 updated_at=Now(),
             )
             tokens = dict(
@@ -747,6 +750,7 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
             "claimed_at": Now(),
             "fencing_token": F("fencing_token") + 1,
             "reclaim_lease": None,
+            "publish_attempts": 0,
             "updated_at": Now(),
         }
         target = self.filter(task_id=task_id).filter(claimable)

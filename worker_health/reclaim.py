@@ -491,7 +491,11 @@ def flush_outbox() -> list[str]:
     for attempts in range(1, MAX_PUBLISH_ATTEMPTS):
         unpicked |= Q(publish_attempts=attempts, reclaimed_at__lt=db_now_minus(grace * 2**attempts))
     unclaimed = TaskQueue.objects.using(db).filter(
-        unpicked, status=TaskStatus.QUEUED, reclaimed_at__isnull=False, body__isnull=False
+        unpicked,
+        status=TaskStatus.QUEUED,
+        publish_attempts__gt=0,  # wh_task_unpicked_idx
+        reclaimed_at__isnull=False,
+        body__isnull=False,
     )
     lease = uuid.uuid4()
     taken = 0
