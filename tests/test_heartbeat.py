@@ -8,10 +8,13 @@ import time
 from typing import Any
 
 import pytest
+from django.db import connections
 
 from tests.factories import make_worker
 from worker_health import reclaim
 from worker_health.heartbeat import Heart, WorkerIdentity
+from worker_health.models import DetectorState
+from worker_health.querysets import db_now_minus
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -54,3 +57,34 @@ def test_a_slow_sweep_never_delays_the_heartbeats(
         release.set()
         heart.stop()
     assert not heart.alive
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_the_heart_asks_for_a_sweep_only_when_one_is_due(settings: Any) -> None:
+    """PostgreSQL: the heartbeat reads the last sweep's time; the heart pokes its sweeper
+    (which tries the lease: two statements that lose) only when a sweep is due."""
+    from django.conf import settings as django_settings
+
+    if "postgres" not in django_settings.DATABASES:
+        pytest.skip("PostgreSQL tests need WORKER_HEALTH_TEST_DATABASE_URL")
+    settings.DATABASE_ROUTERS = ["tests.test_reclaim.OnlyPostgres"]
+    settings.WORKER_HEALTH_CHECK_INTERVAL = 30
+    worker = make_worker("postgres", "heart@host")
+    identity = WorkerIdentity(
+        worker_id=worker.worker_id, incarnation=worker.incarnation, metadata={}, pk=worker.pk
+    )
+    heart = Heart(identity)
+    heart.registered = True
+    pokes: list[float] = []
+    heart.sweeper.poke = lambda: pokes.append(time.monotonic())  # type: ignore[method-assign]
+    DetectorState.objects.db_manager("postgres").take_sweep_lease("other@host", 27, 60, force=True)
+    try:
+        assert heart.beat_once()
+        heart._maybe_sweep()
+        assert pokes == []  # another worker swept just now
+        DetectorState.objects.using("postgres").filter(pk=1).update(last_sweep_at=db_now_minus(28))
+        assert heart.beat_once()
+        heart._maybe_sweep()
+        assert len(pokes) == 1
+    finally:
+        connections.close_all()

@@ -26,7 +26,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, conn
 from . import dbthread
 from .conf import settings
 from .durability import relax_connection
-from .querysets import db_now_minus
+from .querysets import SWEEP_SPACING, db_now_minus
 
 if TYPE_CHECKING:
     from celery.worker import WorkController
@@ -212,6 +212,8 @@ class Heart:
         self._thread: threading.Thread | None = None
         self._outage_started: float | None = None
         self._last_sweep_try = 0.0
+        #: the last heartbeat saw no sweep within the sweep spacing (True until it has said)
+        self._sweep_due = True
         self.sweeper = Sweeper(identity.worker_id)
         self.registered = identity.pk is not None
         self.beats = 0
@@ -292,7 +294,14 @@ class Heart:
 
         ident = self.identity
         processed = tasks_processed()
-        if WorkerRegistry.objects.beat(ident.worker_id, ident.incarnation, processed):
+        beat = WorkerRegistry.objects.beat(
+            ident.worker_id,
+            ident.incarnation,
+            processed,
+            sweep_spacing=settings.CHECK_INTERVAL * SWEEP_SPACING,
+        )
+        self._sweep_due = beat.sweep_due
+        if beat.written:
             return
         row = (
             WorkerRegistry.objects.filter(worker_id=ident.worker_id)
@@ -407,7 +416,7 @@ class Heart:
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()
-        if now - self._last_sweep_try < settings.CHECK_INTERVAL * 0.5:
+        if not self._sweep_due or now - self._last_sweep_try < settings.CHECK_INTERVAL * 0.5:
             return
         self._last_sweep_try = now
         self.sweeper.poke()

@@ -43,7 +43,7 @@ from .models import (
     WorkerRegistry,
     event,
 )
-from .querysets import TaskQuerySet, db_now_minus
+from .querysets import SWEEP_SPACING, TaskQuerySet, db_now_minus
 from .signals import task_quarantined, task_reclaimed, worker_failed
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class ReclaimOutcome:
 def sweep(who: str, *, force: bool = False) -> SweepResult:
     """Run one detector sweep if no other detector ran one in the last ``CHECK_INTERVAL``."""
     result = SweepResult()
-    spacing = settings.CHECK_INTERVAL * 0.9
+    spacing = settings.CHECK_INTERVAL * SWEEP_SPACING
     if not DetectorState.objects.take_sweep_lease(who, spacing, settings.OUTAGE_GAP, force):
         return result
     started = time.monotonic()
