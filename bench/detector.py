@@ -12,7 +12,8 @@ queued backlog, the rest finished over 7 days. For each size the sweep
   published again (to an in-memory broker, so the broker's speed is not measured);
 
 with the statements it sent, the time in each phase, and ``EXPLAIN (ANALYZE, BUFFERS)`` of
-the detector's queries: ``WorkerRegistry.objects.stale``, ``TaskQueue.objects.orphaned``
+the detector's queries: ``WorkerRegistry.objects.stale``, ``recently_dead`` (the
+orphans' fast path, every sweep), ``TaskQueue.objects.orphaned``
 (as the sweep uses it), ``held_by``, and the outbox queries. A first point with 100,000
 task rows shows whether a sweep's cost follows the table size.
 """
@@ -128,7 +129,7 @@ def detector_queries(worker_pk: int) -> list[tuple[str, Any]]:
     from worker_health.conf import settings
     from worker_health.models import TaskQueue, TaskStatus, WorkerRegistry
     from worker_health.querysets import db_now_minus
-    from worker_health.reclaim import MAX_PUBLISH_ATTEMPTS, outbox_grace
+    from worker_health.reclaim import FULL_SCAN_EVERY, MAX_PUBLISH_ATTEMPTS, outbox_grace
 
     grace = outbox_grace()
     unpicked = None
@@ -145,7 +146,16 @@ def detector_queries(worker_pk: int) -> list[tuple[str, Any]]:
             ),
         ),
         (
-            "TaskQueue.objects.orphaned() holders (reclaim_orphans)",
+            "WorkerRegistry.objects.recently_dead().holding_tasks() (reclaim_orphans, every sweep)",
+            WorkerRegistry.objects.recently_dead(
+                2 * settings.CHECK_INTERVAL * FULL_SCAN_EVERY, settings.STALE_AFTER
+            )
+            .holding_tasks()
+            .values_list("pk", flat=True),
+        ),
+        (
+            "TaskQueue.objects.orphaned() holders (reclaim_orphans' full scan, every "
+            f"{FULL_SCAN_EVERY} check intervals)",
             TaskQueue.objects.orphaned().order_by().values_list("claimed_by", flat=True).distinct(),
         ),
         (
@@ -167,6 +177,7 @@ def detector_queries(worker_pk: int) -> list[tuple[str, Any]]:
             TaskQueue.objects.filter(
                 unpicked,
                 status=TaskStatus.QUEUED,
+                publish_attempts__gt=0,
                 reclaimed_at__isnull=False,
                 body__isnull=False,
             ).values_list("pk", "status", "reclaim_lease", "reclaimed_at")[:1000],
@@ -219,7 +230,7 @@ def run_point(conn: Any, workers: int, tasks: int, repeat: int, plans: list[str]
         f"{tasks:,}",
         f"{median([q.seconds for q in quiet]) * 1000:.1f}",
         str(quiet[0].statements),
-        " · ".join(plan_summary(p).split(" (")[-1].rstrip(")") for p in quiet_plans[:2]),
+        " · ".join(plan_summary(p).split(" (")[-1].rstrip(")") for p in quiet_plans[:3]),
         f"{median([x.seconds for x in stale]):.2f}" if stale else "-",
         str(s.statements) if s else "-",
         (", ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in s.phases.items()) if s else "-"),
@@ -279,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"task_queue with indexes: {size[0] if size else '?'}")
     headers = [
         "workers", "task rows", "sweep, nothing stale (ms, median)", "statements",
-        "stale / orphaned query (ms)", "sweep, 1 stale worker with 10,000 tasks (s)",
-        "statements", "phases (s)", "tasks reclaimed",
+        "queries: stale · recently dead holders · full orphan scan (ms)",
+        "sweep, 1 stale worker with 10,000 tasks (s)", "statements", "phases (s)",
+        "tasks reclaimed",
     ]  # fmt: skip
     text = table(headers, rows)
     print()

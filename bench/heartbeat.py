@@ -4,9 +4,9 @@
 
 1. **One real worker**, idle (prefork, 2 processes), with fast settings (1/3/1 s) for
    ``--seconds`` and with the defaults (30/60/30 s) for ``--default-seconds``: every SQL
-   statement of its heartbeat thread is counted by :mod:`bench.probe` (and new connections).
-   An idle worker's only database work is its heart: the beat, the claim audit and its
-   attempt at the detector's sweep.
+   statement of its heartbeat thread and of its sweeping thread is counted by
+   :mod:`bench.probe` (and new connections). An idle worker's only database work is its
+   heart: the beat, the claim audit and, when one is due, the detector's sweep.
 2. **1,000 simulated workers**: real ``Heart`` objects (registered with ``register()``),
    driven by a few threads that call what the heart's loop calls (``beat_once``,
    ``_audit_claims``, ``_maybe_sweep``) when each worker is due, with the default 30 s
@@ -92,13 +92,14 @@ def real_worker(
 
 
 def heart_totals(profile: Path) -> dict[str, float]:
-    """Statements and connections of the heart thread so far (the main process's file)."""
+    """Statements and connections of the heart's thread and of the thread it runs its
+    detector sweeps on, so far (the main process's file)."""
     totals: dict[str, float] = defaultdict(float)
     time.sleep(0.6)  # the probe writes every 0.5 s
     for path in profile.glob("*.json"):
         data = json.loads(path.read_text())
         for kind, label, n, _wall, _cpu in data["timings"]:
-            if kind != "heart":
+            if kind not in ("heart", "sweep"):
                 continue
             if label.startswith("SQL "):
                 totals["statements"] += n

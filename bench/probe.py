@@ -45,6 +45,8 @@ def _thread_kind() -> str:
         return "recorder"
     if name.startswith("worker-health-heart"):
         return "heart"
+    if name.startswith("worker-health-sweep"):
+        return "sweep"
     if threading.current_thread() is threading.main_thread():
         return "main"
     return name.split("-")[0] or "thread"

@@ -77,6 +77,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def sys_seconds(pid: int) -> float:
+    """stime of one process: its CPU time in the kernel (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return int(fields[12]) / CLK_TCK
+
+
 def run_delay_seconds(pid: int) -> float:
     """Time the process's main thread spent runnable but waiting for a CPU (0 if gone)."""
     try:
@@ -100,11 +109,13 @@ class CpuSample:
     children: float
     postgres: float
     main_waiting: float
+    main_sys: float
 
     @classmethod
     def take(cls, worker: Proc, db: BenchDatabase) -> CpuSample:
         return cls(
             main_waiting=run_delay_seconds(worker.pid),
+            main_sys=sys_seconds(worker.pid),
             main=cpu_seconds(worker.pid),
             children=sum(cpu_seconds(p) for p in worker.children()),
             postgres=sum(cpu_seconds(p) for p in backend_pids(db)),
@@ -122,6 +133,8 @@ class Run:
     cpu_postgres_us: float
     #: the main thread runnable but not running (another process had the CPU)
     main_waiting_us: float = 0.0
+    #: of ``cpu_main_us``, the time in the kernel (system calls)
+    main_sys_us: float = 0.0
     db: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -243,6 +256,7 @@ class Bench:
             cpu_children_us=(cpu_end.children - cpu_start.children) / counted * 1e6,
             cpu_postgres_us=(cpu_end.postgres - cpu_start.postgres) / counted * 1e6,
             main_waiting_us=(cpu_end.main_waiting - cpu_start.main_waiting) / counted * 1e6,
+            main_sys_us=(cpu_end.main_sys - cpu_start.main_sys) / counted * 1e6,
             db=db,
         )
 
@@ -451,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"round {round_no + 1} {variant:14s} {run.rate:7.0f} tasks/s  "
                         f"publish {run.publish_us:5.0f} µs/task  cpu main {run.cpu_main_us:4.0f} "
-                        f"(waiting {run.main_waiting_us:4.0f}) pool {run.cpu_children_us:4.0f} "
+                        f"(sys {run.main_sys_us:4.0f}, waiting {run.main_waiting_us:4.0f}) "
+                        f"pool {run.cpu_children_us:4.0f} "
                         f"pg {run.cpu_postgres_us:4.0f} µs/task  "
                         f"commits/task {run.db.get('xact_commit', 0):.2f}",
                         flush=True,
