@@ -68,22 +68,24 @@ TABLES = (
 )
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (0 if it is gone)."""
+def _stat_seconds(pid: int, *indexes: int) -> float:
+    """The sum of clock-tick fields of /proc/<pid>/stat (after the command), in seconds
+    (0 if the process is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return sum(int(fields[i]) for i in indexes) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (0 if it is gone)."""
+    return _stat_seconds(pid, 11, 12)
 
 
 def sys_seconds(pid: int) -> float:
     """stime of one process: its CPU time in the kernel (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return int(fields[12]) / CLK_TCK
+    return _stat_seconds(pid, 12)
 
 
 def run_delay_seconds(pid: int) -> float:

@@ -11,19 +11,19 @@ from django.conf import settings
 from worker_health.models import DetectorState, TaskQueue, WorkerRegistry
 from worker_health.querysets import Delivery, db_now_minus
 
+#: a test of PostgreSQL's own behaviour (plans, one-statement paths): skipped, with the
+#: reason, unless WORKER_HEALTH_TEST_DATABASE_URL gave tests/settings.py a ``postgres`` alias
+needs_postgres = pytest.mark.skipif(
+    "postgres" not in settings.DATABASES,
+    reason="PostgreSQL tests need WORKER_HEALTH_TEST_DATABASE_URL "
+    "(e.g. postgres://root@127.0.0.1:5432/test)",
+)
+
 #: database aliases to run database-clock tests on: the SQLite default always, PostgreSQL
 #: when WORKER_HEALTH_TEST_DATABASE_URL gave tests/settings.py a ``postgres`` alias
 ALIASES = [
     pytest.param("default", id="sqlite"),
-    pytest.param(
-        "postgres",
-        id="postgres",
-        marks=pytest.mark.skipif(
-            "postgres" not in settings.DATABASES,
-            reason="PostgreSQL tests need WORKER_HEALTH_TEST_DATABASE_URL "
-            "(e.g. postgres://root@127.0.0.1:5432/test)",
-        ),
-    ),
+    pytest.param("postgres", id="postgres", marks=needs_postgres),
 ]
 
 

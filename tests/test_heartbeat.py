@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from django.db import connections
 
-from tests.factories import make_worker
+from tests.factories import make_worker, needs_postgres
 from worker_health import reclaim
 from worker_health.heartbeat import Heart, WorkerIdentity
 from worker_health.models import DetectorState
@@ -59,14 +59,11 @@ def test_a_slow_sweep_never_delays_the_heartbeats(
     assert not heart.alive
 
 
+@needs_postgres
 @pytest.mark.django_db(transaction=True, databases="__all__")
 def test_the_heart_asks_for_a_sweep_only_when_one_is_due(settings: Any) -> None:
     """PostgreSQL: the heartbeat reads the last sweep's time; the heart pokes its sweeper
     (which tries the lease: two statements that lose) only when a sweep is due."""
-    from django.conf import settings as django_settings
-
-    if "postgres" not in django_settings.DATABASES:
-        pytest.skip("PostgreSQL tests need WORKER_HEALTH_TEST_DATABASE_URL")
     settings.DATABASE_ROUTERS = ["tests.test_reclaim.OnlyPostgres"]
     settings.WORKER_HEALTH_CHECK_INTERVAL = 30
     worker = make_worker("postgres", "heart@host")

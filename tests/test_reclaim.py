@@ -27,6 +27,7 @@ from tests.factories import (
     delivery,
     make_task,
     make_worker,
+    needs_postgres,
     watched_for,
 )
 from worker_health import publish, reclaim
@@ -724,13 +725,12 @@ def test_a_retry_of_a_reclaimed_task_is_not_published_again_by_the_outbox(
     assert published.task_ids == ["t1"]
 
 
+@needs_postgres
 @pytest.mark.django_db(databases="__all__")
 def test_the_outbox_finds_unpicked_reclaims_by_index_not_by_scanning_the_backlog(
     timing: SettingsWrapper, published: Published
 ) -> None:
     """A queued backlog of a million tasks made every sweep scan it (17 ms per 8,000)."""
-    if "postgres" not in connections:
-        pytest.skip("PostgreSQL tests need WORKER_HEALTH_TEST_DATABASE_URL")
     timing.DATABASE_ROUTERS = ["tests.test_reclaim.OnlyPostgres"]
     with connections["postgres"].cursor() as cursor:
         cursor.execute(

@@ -20,7 +20,6 @@ A sweep
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 import uuid
@@ -268,7 +267,7 @@ def reclaim(
             rows = _held_rows(qs, db, batch_size)
             if not rows:
                 break
-            groups: dict[tuple[str, bool, str], list[int]] = {}
+            groups: dict[tuple[str, bool, tuple[str, ...]], list[int]] = {}
             for row in rows:
                 # A task killed while running counts against its budget; one that was only
                 # waiting in the dead worker's prefetch buffer does not.
@@ -286,21 +285,21 @@ def reclaim(
                 lost_on = list(row["lost_on"] or [])
                 if counts:
                     lost_on = [*lost_on, worker_name][-20:]
-                key = (status, counts, json.dumps(lost_on))
+                key = (status, counts, tuple(lost_on))
                 groups.setdefault(key, []).append(row["pk"])
                 if quarantine:
                     batch.quarantined.append(row["task_id"])
                     quarantined_rows.append({**row, "lost_on": lost_on})
                 else:
                     batch.reclaimed.append(row["task_id"])
-            for (status, counts, lost_on_json), pks in groups.items():
+            for (status, counts, lost_on_key), pks in groups.items():
                 updates: dict[str, Any] = {
                     "status": status,
                     "claimed_by": None,
                     "claimed_incarnation": None,
                     "reclaimed_at": Now(),
                     "updated_at": Now(),
-                    "lost_on": json.loads(lost_on_json),
+                    "lost_on": list(lost_on_key),
                 }
                 if counts:
                     updates["reclaim_count"] = F("reclaim_count") + 1
