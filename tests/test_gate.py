@@ -769,3 +769,84 @@ def test_loop_mode_gives_back_what_a_failed_worker_receives(
     loop.hub.call_soon(g, late)
     assert wait_for_value(lambda: late.requeued)
     assert wait_for_value(lambda: pg_rows().get("t9") == ("succeeded", 1))
+
+
+# --------------------------------------------------------------------------------------------
+# the prefetch window (worker_health.window)
+
+
+class WindowPool(Pool):
+    """Records the consumer's prefetch count as each request reaches the pool."""
+
+    def __init__(self, qos: Any) -> None:
+        super().__init__()
+        self.qos = qos
+        self.values: list[int] = []
+
+    def __call__(self, req: FakeRequest) -> None:
+        self.values.append(self.qos.value)
+        super().__call__(req)
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_loop_mode_messages_in_the_gate_do_not_count_against_the_prefetch_window(
+    alias: str, pg_identity: WorkerIdentity
+) -> None:
+    from kombu.common import QoS
+
+    from worker_health.window import HeldWindow
+
+    qos = QoS(lambda prefetch_count: None, 8)
+    worker = SimpleNamespace(consumer=SimpleNamespace(qos=qos, initial_prefetch_count=8))
+    pool = WindowPool(qos)
+    loop = LoopThread()
+    g = Gate(pg_identity, pool, lambda req: True)
+    g.window = HeldWindow(worker)
+    g.register_with_event_loop(loop.hub)
+    g.writer = LoopWriter(g, loop.hub, alias="postgres")
+    g.writer.start()
+    loop.start()
+    try:
+        loop.hub.call_soon(lambda: [g(FakeRequest(f"t{i}")) for i in range(3)])  # type: ignore[arg-type]
+        pool.wait_for(3)
+        # in one batch: each left the gate (its hold given back) just before the pool got it
+        assert pool.values == [10, 9, 8]
+        assert qos.value == 8 and g.window.widened_by == 0
+        assert {r.request_dict[TOKEN_KEY] for r, _, _ in pool.received} == {1}
+        assert pg_rows() == {f"t{i}": ("claimed", 1) for i in range(3)}
+    finally:
+        loop.stop()
+        g.stop()
+
+
+def test_without_an_event_loop_the_gate_does_not_widen_the_window(identity: WorkerIdentity) -> None:
+    """The gate's thread waits on the pool's put locks: its holds would last as long as the
+    pool is busy, so the window is not widened there."""
+    from kombu.common import QoS
+
+    from worker_health.window import HeldWindow
+
+    qos = QoS(lambda prefetch_count: None, 8)
+    pool = WindowPool(qos)
+    g = Gate(identity, pool, lambda req: True)
+    g.window = HeldWindow(
+        SimpleNamespace(consumer=SimpleNamespace(qos=qos, initial_prefetch_count=8))
+    )
+    try:
+        for i in range(3):
+            g(FakeRequest(f"t{i}"))  # type: ignore[arg-type]
+        pool.wait_for(3)
+        assert pool.values == [8, 8, 8]
+    finally:
+        g.stop()
+
+
+def test_install_gives_the_gate_the_workers_window(identity: WorkerIdentity) -> None:
+    w = SimpleNamespace(concurrency=2, process_task=lambda req: None)
+    g = gate_module.install(identity, w, lambda req: True)
+    try:
+        assert w.process_task is g
+        assert g.window is not None and g.window.worker is w
+    finally:
+        gate_module.uninstall(identity)

@@ -57,6 +57,7 @@ from .heartbeat import WorkerIdentity
 from .loopwriter import LoopWriter
 from .querysets import CLAIMER_FAILED
 from .relay import Relay, Relayed
+from .window import HeldWindow
 
 if TYPE_CHECKING:
     from celery.worker.request import Request
@@ -124,6 +125,8 @@ class Gate:
         self.writer: LoopWriter | None = None
         #: the pool's processes (threads), for the loop writer's linger
         self.concurrency = 0
+        #: what the gate holds does not count against the consumer's prefetch window
+        self.window: HeldWindow | None = None
 
     # -- on the event loop --------------------------------------------------------------
 
@@ -132,6 +135,8 @@ class Gate:
             return self.process_task(req)
         self._pending.append(req)
         if self.writer is not None:
+            if self.window is not None:
+                self.window.hold(req)
             self.writer.kick()
         else:
             self._wake()
@@ -199,6 +204,8 @@ class Gate:
         """Pass one request on (or drop it as a duplicate); never raises, so that one bad
         request cannot stop the loop or the gate's thread."""
         self.held.pop(req.id, None)
+        if self.window is not None:
+            self.window.release(req)
         try:
             if token is None:
                 self._drop_duplicate(req)
@@ -592,6 +599,7 @@ def gate_for(identity: WorkerIdentity | None) -> Gate | None:
 def install(identity: WorkerIdentity, w: Any, is_tracked: Callable[[Request], bool]) -> Gate:
     gate = Gate(identity, w.process_task, is_tracked)
     gate.concurrency = int(getattr(w, "concurrency", 0) or 0)
+    gate.window = HeldWindow(w)
     w.process_task = gate
     _gates[identity.worker_id] = gate
     return gate

@@ -286,3 +286,53 @@ def test_warm_shutdown_hands_back_prefetched_tasks_and_runs_nothing_twice(
     assert sorted(runs) == [1, 1, 1, 1]
     rows = TaskQueue.objects.using(stack.alias).filter(task_id__in=ids)
     assert set(rows.values_list("status", flat=True)) == {"succeeded"}
+
+
+def queued_in_broker(stack: Stack) -> int:
+    """Messages still in the stack's queue (not fetched by any worker)."""
+    from kombu import Connection
+
+    with Connection(stack.broker_url) as conn:
+        return int(
+            conn.default_channel.queue_declare(queue=stack.queue, passive=True).message_count
+        )
+
+
+def test_messages_held_by_the_gate_widen_the_prefetch_window_up_to_a_bound(
+    pg_stack: Stack,
+) -> None:
+    """While the database does not answer, the gate holds what the worker receives: the
+    consumer goes on fetching beyond its prefetch count (2 x 4 = 8) while the gate holds
+    messages, but never more than twice that; once the database answers, all run once."""
+    from tests.integration.harness import database_address, database_url
+    from tests.integration.tcp_proxy import TcpProxy
+
+    stack = pg_stack
+    host, port = database_address(stack.alias)
+    with TcpProxy(host, port) as proxy:
+        url = database_url(stack.alias, port=proxy.port)
+        stack.worker("window", concurrency=2, DATABASE_URL=url)
+        first = stack.publish("work", 1, kwargs={"seconds": 0, "label": "window"})
+        wait_for(
+            lambda: Effect.objects.using(stack.alias).filter(task_id__in=first).exists(),
+            60,
+            what="the first task (the loop writer connected)",
+        )
+        proxy.pause()  # the claims' statement goes out and no answer comes back
+        ids = stack.publish("work", 40, kwargs={"seconds": 0, "label": "window"})
+        wait_for(lambda: queued_in_broker(stack) <= 40 - 16, 30, what="the worker to fetch 16")
+        time.sleep(3)  # would it take more?
+        taken = 40 - queued_in_broker(stack)
+        assert taken == 16, f"the worker took {taken} messages (prefetch count 8, bound 8 more)"
+        assert not Effect.objects.using(stack.alias).filter(task_id__in=ids).exists()
+        proxy.restore()
+        wait_for(
+            lambda: Effect.objects.using(stack.alias).filter(task_id__in=ids).count() == 40,
+            60,
+            what="all 40 tasks to take effect",
+        )
+    time.sleep(2)
+    runs = dict(
+        Effect.objects.using(stack.alias).filter(task_id__in=ids).values_list("task_id", "runs")
+    )
+    assert {task_id: n for task_id, n in runs.items() if n != 1} == {}
