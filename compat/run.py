@@ -43,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .known import KNOWN_DIFFERENCES, known_reason
+from .known import KNOWN_DIFFERENCES, known_reason, race_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".compat-cache"
@@ -316,6 +316,9 @@ class Comparison:
     reruns_with_worker_health: list[str] = field(default_factory=list)
     #: regressions listed in compat/known.py: diagnosed, fix pending (reason by test)
     known_differences: dict[str, str] = field(default_factory=dict)
+    #: regressions (or the reverse) on tests listed in CELERY_RACES: decided by a race inside
+    #: Celery, they do not fail the gate (reason by test)
+    celery_races: dict[str, str] = field(default_factory=dict)
     #: entries of compat/known.py that passed with worker_health this time
     known_not_reproduced: list[str] = field(default_factory=list)
     #: failed with worker_health, then passed when run again with worker_health (Celery's
@@ -359,6 +362,14 @@ def compare(plain: dict[str, Any], wh: dict[str, Any]) -> Comparison:
             result.known_differences[nodeid] = reason
         elif outcome(wh, nodeid) in PASSING:
             result.known_not_reproduced.append(nodeid)
+    for nodeid in nodeids:
+        reason = race_reason(nodeid)
+        if reason is None:
+            continue
+        for differences in (result.regressions, result.other_differences):
+            if nodeid in differences:
+                differences.remove(nodeid)
+                result.celery_races[nodeid] = reason
     if not nodeids:
         result.problems.append("no test ran")
     result.problems += worker_health_problems(wh)
@@ -492,6 +503,20 @@ def markdown(
             f"- `{short_id(nodeid)}` is in `compat/known.py` but passed with worker_health: "
             "remove it once the fix is in."
         )
+    if result.celery_races:
+        lines += [
+            "",
+            f"### Decided by a race inside Celery ({len(result.celery_races)})",
+            "",
+            "Listed in `compat/known.py` (`CELERY_RACES`); they run in both runs, and an "
+            "outcome that differs does not fail the gate.",
+            "",
+        ]
+        for nodeid, reason in result.celery_races.items():
+            lines.append(
+                f"- `{short_id(nodeid)}`: plain {describe(plain, nodeid)}; "
+                f"worker_health {describe(wh, nodeid)}. Why: {reason}"
+            )
     lines += [
         "",
         f"### Tests that fail in both runs ({len(result.failing_in_both)})",
@@ -713,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
                 "reruns_with_worker_health": result.reruns_with_worker_health,
                 "flaky_with_worker_health": result.flaky_with_worker_health,
                 "known_differences": result.known_differences,
+                "celery_races": result.celery_races,
                 "known_not_reproduced": result.known_not_reproduced,
                 "problems": result.problems,
             },
