@@ -288,13 +288,20 @@ def run_manage(
 class Proc:
     """A process of the benchmark's own, in a process group of its own."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str],
+        log: Path,
+        cwd: Path = ROOT,
+    ) -> None:
         self.name = name
         self.log_path = log
         with open(log, "ab") as out:
             self.popen = subprocess.Popen(
                 list(argv),
-                cwd=ROOT,
+                cwd=cwd,
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -9,7 +9,10 @@ and Redis (db 11):
 * ``plain``: Celery + Django, no worker_health, no result backend;
 * ``worker_health``: plain + worker_health tracking every task;
 * ``events``: plain, worker started with ``-E`` (task events, what Flower needs);
-* ``results``: plain + django-celery-results' ``django-db`` result backend.
+* ``results``: plain + django-celery-results' ``django-db`` result backend;
+* ``candidate`` (with ``--candidate PATH``): worker_health as in another checkout, e.g. a
+  ``git worktree`` of a change to the hot path, measured side by side with this one
+  (its schema must match this checkout's: the benchmark migrates with this one).
 
 Each run publishes ``--tasks`` no-op tasks into a fresh queue (timed: the publisher's cost
 per ``delay()``), then starts the worker and times it from the start of its first task to
@@ -39,6 +42,7 @@ import redis
 
 from .common import (
     DOCS,
+    ROOT,
     BenchDatabase,
     Proc,
     bench_database,
@@ -56,6 +60,8 @@ from .common import (
 )
 
 VARIANTS = ("plain", "worker_health", "events", "results")
+#: worker_health from the checkout given with ``--candidate``
+CANDIDATE = "candidate"
 REDIS_DB = 11
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -154,8 +160,15 @@ class Run:
 
 class Bench:
     def __init__(
-        self, db: BenchDatabase, workdir: Path, broker: str, *, profile_dir: Path | None = None
+        self,
+        db: BenchDatabase,
+        workdir: Path,
+        broker: str,
+        *,
+        profile_dir: Path | None = None,
+        candidate: Path | None = None,
     ):
+        self.candidate = candidate
         self.db = db
         self.workdir = workdir
         self.broker = broker
@@ -168,7 +181,7 @@ class Bench:
 
     def env(self, variant: str, queue: str, **extra: str) -> dict[str, str]:
         env = clean_env(
-            BENCH_VARIANT=variant,
+            BENCH_VARIANT="worker_health" if variant == CANDIDATE else variant,
             DATABASE_URL=self.db.url,
             CELERY_BROKER_URL=self.broker,
             EXAMPLE_QUEUE=queue,
@@ -178,13 +191,21 @@ class Bench:
         )
         if self.profile_dir is not None:
             env["BENCH_PROFILE_DIR"] = str(self.profile_dir / variant)
+        if variant == CANDIDATE:
+            assert self.candidate is not None
+            env["PYTHONPATH"] = str(self.candidate)
         env.update(extra)
         return env
+
+    def cwd(self, variant: str) -> Path:
+        """Where the variant's processes start (``python -m`` puts it first on the path)."""
+        return self.candidate if variant == CANDIDATE and self.candidate else ROOT
 
     def publish(self, variant: str, queue: str, count: int) -> float:
         result = subprocess.run(
             [sys.executable, "-m", "bench.publish", "--count", str(count)],
             env=self.env(variant, queue),
+            cwd=self.cwd(variant),
             capture_output=True,
             timeout=600,
         )
@@ -216,6 +237,7 @@ class Bench:
             worker_argv(f"{queue}@bench", queue, extra=extra),
             self.env(variant, queue),
             self.workdir / f"{queue}.log",
+            cwd=self.cwd(variant),
         )
         spy: subprocess.Popen[bytes] | None = None
         try:
@@ -438,11 +460,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--keep-db", action="store_true")
+    parser.add_argument(
+        "--candidate",
+        type=Path,
+        help="another checkout of the project (a git worktree of a change): adds the "
+        "variant 'candidate', worker_health imported from there",
+    )
     args = parser.parse_args(argv)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    unknown = set(variants) - set(VARIANTS)
+    if args.candidate is not None:
+        if not (args.candidate / "worker_health" / "__init__.py").is_file():
+            parser.error(f"--candidate {args.candidate}: no worker_health package there")
+        if CANDIDATE not in variants:
+            variants += (CANDIDATE,)
+    unknown = set(variants) - set(VARIANTS) - ({CANDIDATE} if args.candidate else set())
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    if args.candidate is not None and (args.profile or args.write_docs):
+        parser.error("--candidate is for side-by-side comparisons: no --profile, --write-docs")
 
     info = print_machine()
     workdir = Path(tempfile.mkdtemp(prefix="bench-tp-"))
@@ -454,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 docs = machine_markdown(info) if args.write_docs else None
                 return profile(db, workdir, broker, args.tasks, args.py_spy, variants, docs)
-            bench = Bench(db, workdir, broker)
+            bench = Bench(db, workdir, broker, candidate=args.candidate)
             # warm-up (imports, page cache, first connections), not counted
             for variant in variants:
                 bench.run(variant, min(200, args.tasks))

@@ -266,13 +266,19 @@ def killed_after_effect(
     effect and before its completion could be written (what README's limits call at least
     once). Returns each one's gap in seconds; any other task that ran twice still counts
     against the scenario."""
-    effects: dict[str, tuple[str, datetime]] = {}
-    for task_id in (t for t, n in runs.items() if n == 2):
-        effect = ledger_rows(
-            s, "SELECT workers, first_at FROM chaos_effect WHERE task_id = %s", [task_id]
-        )
-        if effect and effect[0][0]:
-            effects[task_id] = (str(effect[0][0][0]), as_utc(effect[0][1]))
+    doubles = sorted(t for t, n in runs.items() if n == 2)
+    if not doubles:
+        return []
+    rows = ledger_rows(
+        s,
+        "SELECT task_id, workers, first_at FROM chaos_effect WHERE task_id = ANY(%s)",
+        [doubles],
+    )
+    effects = {
+        task_id: (str(workers[0]), as_utc(first_at))
+        for task_id, workers, first_at in rows
+        if workers
+    }
     return explained_doubles(effects, kills)
 
 
