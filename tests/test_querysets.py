@@ -869,12 +869,31 @@ def test_confirm_claim_only_for_the_current_claim(alias: str) -> None:
     other = make_worker(alias, "w2@host")
     assert claim_received(alias, worker, "t1") == {"t1": 1}
     qs = TaskQueue.objects.using(alias)
+    assert qs.get(task_id="t1").started_token is None  # the gate's claim records no start
     assert qs.confirm_claim("t1", 1, worker.pk, worker.incarnation) is True
+    assert qs.get(task_id="t1").started_token == 1  # the confirmation does
     assert qs.confirm_claim("t1", 2, worker.pk, worker.incarnation) is False
     assert qs.confirm_claim("t1", 1, other.pk, other.incarnation) is False
     WorkerRegistry.objects.using(alias).filter(pk=worker.pk).update(status="failed")
     assert claim_received(alias, other, "t1") == {"t1": 2}  # reclaimed meanwhile
     assert qs.confirm_claim("t1", 1, worker.pk, worker.incarnation) is False
+    assert qs.get(task_id="t1").started_token == 1  # a refused confirmation records nothing
+    assert qs.confirm_claim("t1", 2, other.pk, other.incarnation) is True
+    assert qs.get(task_id="t1").started_token == 2
+
+
+def test_a_claim_by_the_pool_process_records_that_its_run_starts(alias: str) -> None:
+    """Without a gate (solo, green pools) the claim is made just before the run's code:
+    the row says the run started, for a new row and for one the publisher recorded."""
+    worker = make_worker(alias, "w1@host")
+    qs = TaskQueue.objects.using(alias)
+    assert claim(alias, "fresh", worker) == 1
+    make_task(alias, "published", status="queued")
+    assert claim(alias, "published", worker) == 1
+    qs.filter(task_id="published").update(status="queued")  # e.g. a retry
+    assert claim(alias, "published", worker) == 2
+    rows = dict(qs.values_list("task_id", "started_token"))
+    assert rows == {"fresh": 1, "published": 2}
 
 
 def test_finish_many_accepts_only_current_tokens(alias: str) -> None:

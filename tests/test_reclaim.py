@@ -610,6 +610,86 @@ def test_a_prefetched_task_is_never_quarantined(
     assert published.task_ids == ["waiting"]
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("token", "started", "counted"),
+    [
+        (1, None, True),  # a first run records no start: presumed started
+        (2, None, False),  # a later run that never started (it waited in the prefetch buffer)
+        (2, 1, False),  # the start of an earlier run is not this one's
+        (2, 2, True),  # a later run that recorded its start
+    ],
+)
+def test_only_runs_that_started_or_may_have_count_against_max_reclaims(
+    timing: SettingsWrapper,
+    published: Published,
+    django_capture_on_commit_callbacks: CaptureCallbacks,
+    token: int,
+    started: int | None,
+    counted: bool,
+) -> None:
+    """K5: a task held by several killed workers in a row, by chance, while it waited in
+    their prefetch buffers, is not a poison pill and must not be quarantined."""
+    timing.WORKER_HEALTH_MAX_RECLAIMS = 1
+    dead = make_worker("default", "b@host", status="failed")
+    make_task(
+        "default",
+        "t1",
+        status="claimed",
+        claimed_by=dead,
+        claimed_incarnation=dead.incarnation,
+        fencing_token=token,
+        started_token=started,
+        reclaim_count=1,
+        lost_on=["a@host"],
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        outcome = reclaim.reclaim_orphans()
+    task = TaskQueue.objects.get(task_id="t1")
+    if counted:
+        assert outcome.quarantined == ["t1"]
+        assert task.status == "quarantined"
+        assert (task.reclaim_count, task.lost_on) == (2, ["a@host", "b@host"])
+        assert published.task_ids == []
+    else:
+        assert outcome.reclaimed == ["t1"]
+        assert task.status == "queued"
+        assert (task.reclaim_count, task.lost_on) == (1, ["a@host"])
+        assert published.task_ids == ["t1"]
+
+
+@pytest.mark.django_db
+def test_a_pool_process_lost_running_a_task_counts_even_without_a_recorded_start(
+    timing: SettingsWrapper,
+    published: Published,
+    django_capture_on_commit_callbacks: CaptureCallbacks,
+) -> None:
+    """``WorkerLostError``: the worker saw the run die, whatever the row says (its start
+    could not be written if the database was unreachable at that moment)."""
+    from worker_health.heartbeat import WorkerIdentity
+
+    timing.WORKER_HEALTH_MAX_RECLAIMS = 3
+    worker = make_worker("default", "w@host")
+    make_task(
+        "default",
+        "t1",
+        status="claimed",
+        claimed_by=worker,
+        claimed_incarnation=worker.incarnation,
+        fencing_token=2,
+        started_token=None,
+        reclaim_count=1,
+    )
+    identity = WorkerIdentity(
+        worker_id=worker.worker_id, incarnation=worker.incarnation, metadata={}, pk=worker.pk
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        outcome = reclaim.reclaim_lost_task("t1", identity)
+    assert outcome.reclaimed == ["t1"]
+    task = TaskQueue.objects.get(task_id="t1")
+    assert (task.reclaim_count, task.lost_on) == (2, ["w@host"])
+
+
 def test_quarantine_message(settings: SettingsWrapper) -> None:
     settings.WORKER_HEALTH_MAX_RECLAIMS = 3
     message = reclaim.quarantine_message("app.tasks.crash", ["w1", "w2", "w1"])

@@ -288,6 +288,53 @@ def test_a_published_message_never_carries_the_gates_token() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_later_run_records_its_start_and_a_first_run_makes_no_round_trip() -> None:
+    """Every run but a task's first writes that it starts before its code runs, so that a
+    reclaim can tell a run that started from one that only waited (MAX_RECLAIMS)."""
+    import time
+
+    from tests.factories import delivery, make_worker
+    from worker_health import dbthread
+    from worker_health.gate import CLAIMED_AT_KEY, TOKEN_KEY
+    from worker_health.heartbeat import WorkerIdentity
+
+    worker = make_worker("default", "w1@host")
+    identity = WorkerIdentity(
+        worker_id=worker.worker_id, incarnation=worker.incarnation, metadata={}, pk=worker.pk
+    )
+    assert TaskQueue.objects.claim_received(
+        [delivery("first")], worker_pk=worker.pk, incarnation=worker.incarnation
+    ) == {"first": 1}
+    TaskQueue.objects.filter(task_id="first").update(status="queued")  # reclaimed, say
+    calls: list[object] = []
+    original = dbthread.call
+
+    def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(fn)
+        return original(fn, *args, **kwargs)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dbthread, "call", counting)
+            fresh = {TOKEN_KEY: 1, CLAIMED_AT_KEY: time.monotonic()}
+            task = SimpleNamespace(request=SimpleNamespace(**fresh))
+            assert tracking._token_from_gate(task, "t-new", identity) == 1  # type: ignore[arg-type]
+            assert calls == []  # the hot path: no database work before the task
+            assert TaskQueue.objects.claim_received(
+                [delivery("first")], worker_pk=worker.pk, incarnation=worker.incarnation
+            ) == {"first": 2}
+            again = {TOKEN_KEY: 2, CLAIMED_AT_KEY: time.monotonic()}
+            task = SimpleNamespace(request=SimpleNamespace(**again))
+            assert tracking._token_from_gate(task, "first", identity) == 2  # type: ignore[arg-type]
+            assert len(calls) == 1
+        assert TaskQueue.objects.get(task_id="first").started_token == 2
+    finally:
+        tracking._tokens.pop("t-new", None)
+        tracking._tokens.pop("first", None)
+        dbthread.shutdown()
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_pool_process_forked_before_its_worker_registered_confirms_a_long_wait() -> None:
     """Workers register when their pool is up, so prefork processes start without the
     worker's primary key: a run that waited long in the pool's queue looks it up to

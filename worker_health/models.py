@@ -115,6 +115,10 @@ class TaskQueue(models.Model):
     #: increases with every claim; completions are accepted only with the current token
     fencing_token = models.PositiveIntegerField(default=0)
     reclaim_count = models.PositiveIntegerField(default=0)
+    #: the token of the latest run whose start was written before its code ran (every run
+    #: but a task's first: see ``reclaim``, which counts a reclaim against ``MAX_RECLAIMS``
+    #: only if the run had started, or may have)
+    started_token = models.PositiveIntegerField(null=True, blank=True)
     #: the sweep that moved the task to ``reclaiming`` and owns its re-publish
     reclaim_lease = models.UUIDField(null=True, blank=True)
     reclaimed_at = models.DateTimeField(null=True, blank=True)

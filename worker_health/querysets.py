@@ -721,9 +721,11 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
     def confirm_claim(
         self, task_id: str, token: int, worker_pk: int, incarnation: uuid.UUID
     ) -> bool:
-        """Is the claim with ``token`` still this worker's? (A run that waited long in the
-        pool's queue checks before it starts: its worker may have been declared failed
-        meanwhile and the task reclaimed.)"""
+        """Is the claim with ``token`` still this worker's? If so, note that its run starts
+        now (``started_token``). A run checks before its code runs when it waited long in
+        the pool's queue (its worker may have been declared failed meanwhile and the task
+        reclaimed), and when it is not the task's first run, so that a reclaim can tell
+        whether the run had started (see :func:`worker_health.reclaim.reclaim`)."""
         return bool(
             self.filter(
                 task_id=task_id,
@@ -731,7 +733,7 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
                 fencing_token=token,
                 claimed_by=worker_pk,
                 claimed_incarnation=incarnation,
-            ).update(claimed_at=Now(), updated_at=Now())
+            ).update(claimed_at=Now(), updated_at=Now(), started_token=token)
         )
 
     def finish_many(self, runs: Sequence[tuple[str, int, str]]) -> set[tuple[str, int]]:
@@ -784,6 +786,8 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
             "claimed_incarnation": incarnation,
             "claimed_at": Now(),
             "fencing_token": F("fencing_token") + 1,
+            # this claim is made just before the run's code: the run starts
+            "started_token": F("fencing_token") + 1,
             "reclaim_lease": None,
             "publish_attempts": 0,
             "updated_at": Now(),
@@ -813,6 +817,7 @@ class TaskQuerySet(models.QuerySet["TaskQueue"]):
                     claimed_incarnation=incarnation,
                     claimed_at=Now(),
                     fencing_token=1,
+                    started_token=1,
                 )
             return 1
         except IntegrityError:

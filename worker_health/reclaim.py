@@ -201,7 +201,7 @@ def reclaim_lost_task(task_id: str, identity: WorkerIdentity) -> ReclaimOutcome:
         claimed_by=identity.pk,
         claimed_incarnation=identity.incarnation,
     )
-    return reclaim(qs, reason="worker process lost", worker_name=identity.worker_id)
+    return reclaim(qs, reason="worker process lost", worker_name=identity.worker_id, started=True)
 
 
 def hand_back(
@@ -243,6 +243,7 @@ def reclaim(
     reason: str,
     worker_name: str,
     count: bool = True,
+    started: bool = False,
     batch_size: int = 500,
 ) -> ReclaimOutcome:
     """Move the held tasks in ``qs`` to ``reclaiming`` (or ``quarantined``) and publish
@@ -255,6 +256,13 @@ def reclaim(
     (``FOR UPDATE SKIP LOCKED``: a concurrent reclaimer takes other rows) or, on SQLite,
     read and written in one serializable transaction, so the UPDATE by primary key
     changes exactly the rows read, in the state they were read in.
+
+    What counts against ``MAX_RECLAIMS`` (with ``count``): a reclaim of a run that had
+    started, or may have. A task's first run writes nothing when it starts (that would be
+    a second statement per task), so it is presumed started; every later run records its
+    start before its code runs (``started_token``), so a reclaimed task that only waited
+    in a dead worker's prefetch buffer again is not counted. ``started``: the caller knows
+    the run had started (a prefork child died running it).
     """
     db = router.db_for_write(TaskQueue)
     outcome = ReclaimOutcome()
@@ -271,7 +279,7 @@ def reclaim(
             for row in rows:
                 # A task killed while running counts against its budget; one that was only
                 # waiting in the dead worker's prefetch buffer does not.
-                counts = count and row["status"] == TaskStatus.CLAIMED
+                counts = count and row["status"] == TaskStatus.CLAIMED and (started or ran(row))
                 quarantine = counts and row["reclaim_count"] >= max_reclaims
                 status: str
                 if quarantine:
@@ -327,11 +335,25 @@ def _held_rows(qs: TaskQuerySet, db: str, batch_size: int) -> list[dict[str, Any
         _lockable(qs.using(db).filter(status__in=("reserved", "claimed")), db)
         .order_by("pk")
         .annotate(has_body=ExpressionWrapper(Q(body__isnull=False), output_field=BooleanField()))
-        .values("pk", "task_id", "task_name", "status", "reclaim_count", "lost_on", "has_body")[
-            :batch_size
-        ]
+        .values(
+            "pk",
+            "task_id",
+            "task_name",
+            "status",
+            "reclaim_count",
+            "lost_on",
+            "has_body",
+            "fencing_token",
+            "started_token",
+        )[:batch_size]
     )
     return [dict(row) for row in rows]
+
+
+def ran(row: dict[str, Any]) -> bool:
+    """Whether the claimed run of a held row had started, or may have: a first run (token
+    1, which records no start) is presumed to; a later one only if it recorded its start."""
+    return bool(row["fencing_token"] <= 1 or row["started_token"] == row["fencing_token"])
 
 
 def _after_commit(

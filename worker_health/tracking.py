@@ -430,7 +430,11 @@ def _token_from_gate(task: Task, task_id: str, identity: WorkerIdentity) -> int 
     A run that waited in the pool's queue for longer than a heartbeat interval confirms
     first that its claim still holds: its worker may have been paused and declared failed
     meanwhile, and the task reclaimed (``_NOT_OURS``: the run claims again, unless its
-    worker is still failed, or is a duplicate).
+    worker is still failed, or is a duplicate). So does every run that is not the task's
+    first (its token is above 1: a reclaimed, redelivered or retried task), and the
+    confirmation records that the run started: a reclaim counts against
+    ``MAX_RECLAIMS`` only the runs that had started (and a first run, which may have).
+    A task's first run, the hot path, makes no round trip.
     """
     token = getattr(task.request, TOKEN_KEY, None)
     if not isinstance(token, int):
@@ -440,7 +444,7 @@ def _token_from_gate(task: Task, task_id: str, identity: WorkerIdentity) -> int 
         return token
     claimed_at = getattr(task.request, CLAIMED_AT_KEY, None)
     waited = time.monotonic() - claimed_at if isinstance(claimed_at, float) else float("inf")
-    if waited > min(settings.HEARTBEAT_INTERVAL, settings.STALE_AFTER / 2):
+    if token > 1 or waited > min(settings.HEARTBEAT_INTERVAL, settings.STALE_AFTER / 2):
         from .models import TaskQueue
 
         def confirm() -> bool:

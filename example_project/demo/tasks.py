@@ -56,6 +56,14 @@ def poison(self) -> None:
 
 
 @shared_task(bind=True)
+def poison_worker(self) -> None:
+    """Kill the whole worker, main process and pool (what the OOM killer or a lost host
+    does): no ``WorkerLostError`` tells anyone which task did it."""
+    Effect.objects.get_or_create(task_id=f"poison-attempt-{time.time_ns()}", label="poison")
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+@shared_task(bind=True)
 def noop(self) -> None:
     return None
 

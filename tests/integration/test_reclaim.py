@@ -200,6 +200,73 @@ def test_poison_pill_with_acks_late_and_reject_on_worker_lost(stack: Stack) -> N
     assert effects(stack).filter(label="poison").count() == attempts <= 3
 
 
+def test_a_task_that_only_waited_on_killed_workers_is_not_quarantined(db_stack: Stack) -> None:
+    """K5: a task that two killed workers held in a row while it waited in their prefetch
+    buffers is reclaimed twice but counted once (its first run is presumed started), so
+    with MAX_RECLAIMS=1 it runs, once, instead of being quarantined as a poison pill."""
+    stack = db_stack
+    stack.settings.update(WORKER_HEALTH_MAX_RECLAIMS="1")
+    b_queue = stack.new_queue("b")
+    a = stack.worker("a", concurrency=1)
+    long_a = stack.publish("work", 1, kwargs={"seconds": 12})[0]
+    wait_held(stack, stack.node("a"), running=1, reserved=0)
+    waiting = stack.publish("work", 1, kwargs={"seconds": 0.2})[0]
+    wait_held(stack, stack.node("a"), running=1, reserved=1)
+    b = stack.worker("b", concurrency=1, queues=[stack.queue, b_queue])
+    long_b = stack.publish("work", 1, queue=b_queue, kwargs={"seconds": 12})[0]
+    wait_held(stack, stack.node("b"), running=1, reserved=0)
+    a.kill_group()
+
+    def held_by_b() -> bool:
+        qs = tasks(stack).filter(task_id__in=[long_a, waiting], status="claimed")
+        return qs.filter(claimed_by__worker_id=stack.node("b")).count() == 2
+
+    # B, busy with long_b, received both reclaimed tasks and holds them unstarted
+    wait_for(held_by_b, BOUND + MARGIN, what="b to hold a's reclaimed tasks")
+    rows = tasks(stack).filter(task_id__in=[long_a, waiting])
+    tokens = rows.values_list("fencing_token", "started_token", "reclaim_count")
+    assert set(tokens) == {(2, None, 1)}
+    b.kill_group()
+    stack.worker("c", concurrency=2, queues=[stack.queue, b_queue])
+    assert_each_ran_once(stack, [long_a, waiting, long_b], timeout=90)
+
+    assert not events(stack).filter(kind=EventKind.TASK_QUARANTINED).exists()
+    final = {
+        row.task_id: (row.reclaim_count, row.lost_on)
+        for row in tasks(stack).filter(task_id__in=[long_a, waiting, long_b])
+    }
+    a_node, b_node = stack.node("a"), stack.node("b")
+    assert final == {long_a: (1, [a_node]), waiting: (1, [a_node]), long_b: (1, [b_node])}
+    ran_on = effects(stack).filter(task_id__in=[long_a, waiting, long_b])
+    assert set(ran_on.values_list("worker", flat=True)) == {stack.node("c")}
+    reclaims = events(stack).filter(kind=EventKind.TASK_RECLAIMED, task_id=waiting)
+    assert reclaims.count() == 2
+
+
+def test_a_task_that_kills_its_whole_worker_is_quarantined_after_the_cap(db_stack: Stack) -> None:
+    """No WorkerLostError when the whole worker dies (the OOM killer, a lost host): the
+    first death is presumed the task's, and the later run records its start, so the
+    second death counts too and the task is quarantined, not run a third time."""
+    stack = db_stack
+    stack.settings.update(WORKER_HEALTH_MAX_RECLAIMS="1")
+    poison = stack.publish("poison_worker", 1)[0]
+    for name in ("v0", "v1"):
+        victim = stack.worker(name, concurrency=1, wait=False)
+        wait_for(lambda: not victim.alive(), 90, what=f"{name} to be killed by the task")  # noqa: B023
+    survivor = stack.worker("v2", concurrency=1)
+    wait_for(
+        lambda: tasks(stack).filter(task_id=poison, status="quarantined").exists(),
+        BOUND + MARGIN + 30,
+        what="the poison pill to be quarantined",
+    )
+    row = tasks(stack).get(task_id=poison)
+    assert (row.reclaim_count, row.lost_on) == (2, [stack.node("v0"), stack.node("v1")])
+    assert row.fencing_token == row.started_token == 2
+    time.sleep(4)
+    assert survivor.alive()
+    assert effects(stack).filter(label="poison").count() == 2
+
+
 def test_zombie_completion_is_fenced(stack: Stack) -> None:
     zombie = stack.worker("zombie", concurrency=1)
     ids = stack.publish("work", 1, kwargs={"seconds": 8})

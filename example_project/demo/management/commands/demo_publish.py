@@ -13,6 +13,7 @@ TASKS = {
     "work": tasks.work,
     "burn": tasks.burn,
     "poison": tasks.poison,
+    "poison_worker": tasks.poison_worker,
     "noop": tasks.noop,
     "flaky": tasks.flaky,
 }
