@@ -600,6 +600,12 @@ def test_pickle_payloads_are_never_deserialized(admin_client: Client, monkeypatc
     assert b"application/x-python-serialize payloads are never deserialized" in response.content
 
 
+def test_task_page_shows_which_run_recorded_its_start(admin_client: Client) -> None:
+    task = make_task("restarted-1", fencing_token=3, started_token=3)
+    html = admin_client.get(task_url(task)).content.decode()
+    assert "field-started_token" in html and "MAX_RECLAIMS only if the run had started" in html
+
+
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [

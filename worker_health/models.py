@@ -118,7 +118,15 @@ class TaskQueue(models.Model):
     #: the token of the latest run whose start was written before its code ran (every run
     #: but a task's first: see ``reclaim``, which counts a reclaim against ``MAX_RECLAIMS``
     #: only if the run had started, or may have)
-    started_token = models.PositiveIntegerField(null=True, blank=True)
+    started_token = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text=_(
+            "The fencing token of the latest run that recorded its start (every run but a "
+            "task's first does). A reclaim counts against MAX_RECLAIMS only if the run had "
+            "started, or was the task's first."
+        ),
+    )
     #: the sweep that moved the task to ``reclaiming`` and owns its re-publish
     reclaim_lease = models.UUIDField(null=True, blank=True)
     reclaimed_at = models.DateTimeField(null=True, blank=True)

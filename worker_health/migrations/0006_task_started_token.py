@@ -13,6 +13,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='taskqueue',
             name='started_token',
-            field=models.PositiveIntegerField(blank=True, null=True),
+            field=models.PositiveIntegerField(blank=True, help_text="The fencing token of the latest run that recorded its start (every run but a task's first does). A reclaim counts against MAX_RECLAIMS only if the run had started, or was the task's first.", null=True),
         ),
     ]
