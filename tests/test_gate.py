@@ -820,6 +820,53 @@ def test_loop_mode_messages_in_the_gate_do_not_count_against_the_prefetch_window
         g.stop()
 
 
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("alias", POSTGRES_ONLY)
+def test_loop_mode_on_redis_credit_is_taken_back_on_a_turn_without_an_outstanding_brpop(
+    alias: str, pg_identity: WorkerIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K6: on Redis, a message that leaves the gate while a BRPOP is outstanding leaves
+    its credit in the window (taking it back could strand the message the BRPOP pops);
+    the loop takes it back, and applies it, on its first turn with no BRPOP outstanding."""
+    from kombu.common import QoS
+
+    from worker_health import loopwriter
+    from worker_health.window import HeldWindow
+
+    applied: list[int] = []
+    qos = QoS(lambda prefetch_count: applied.append(prefetch_count), 8)
+    channel = SimpleNamespace(_in_poll=object())  # a BRPOP is outstanding
+    worker = SimpleNamespace(
+        consumer=SimpleNamespace(
+            qos=qos, initial_prefetch_count=8, task_consumer=SimpleNamespace(channel=channel)
+        )
+    )
+    pool = WindowPool(qos)
+    loop = LoopThread()
+    g = Gate(pg_identity, pool, lambda req: True)
+    g.window = HeldWindow(worker)
+    g.writer = LoopWriter(g, loop.hub, alias="postgres")
+    monkeypatch.setattr(loopwriter, "usable", lambda alias="default": True)
+    g.register_with_event_loop(loop.hub)  # as a consumer (re)starting its loop does
+    g.writer.start()
+    loop.start()
+    try:
+        loop.hub.call_soon(lambda: [g(FakeRequest(f"t{i}")) for i in range(3)])  # type: ignore[arg-type]
+        pool.wait_for(3)
+        assert pool.values == [11, 11, 11]
+        time.sleep(0.2)  # turns of the loop, the BRPOP still outstanding
+        assert qos.value == 11 and g.window.owed == 3
+        channel._in_poll = None  # its reply was read
+        deadline = time.monotonic() + 5
+        while qos.value != 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert qos.value == 8 and g.window.owed == 0 and g.window.widened_by == 0
+        assert applied == [8]  # applied at once, not on Celery's next turn
+    finally:
+        loop.stop()
+        g.stop()
+
+
 def test_without_an_event_loop_the_gate_does_not_widen_the_window(identity: WorkerIdentity) -> None:
     """The gate's thread waits on the pool's put locks: its holds would last as long as the
     pool is busy, so the window is not widened there."""

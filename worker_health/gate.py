@@ -177,6 +177,8 @@ class Gate:
             self.writer.start()
         else:
             self.writer.attach(hub)
+        if self.window is not None:
+            self.window.register_with_event_loop(hub)
         if self.relay is not None:
             hub.add_reader(self.relay.read_fd, self._on_relayed)
 
