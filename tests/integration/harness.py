@@ -414,4 +414,4 @@ class Stack:
                 pass
 
     def logs(self) -> str:
-        return "\n".join(f"===== {p.name}\n{p.log()[-6000:]}" for p in self.procs)
+        return "\n".join(f"===== {p.name}\n{p.log()[-20000:]}" for p in self.procs)
