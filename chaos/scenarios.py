@@ -239,13 +239,8 @@ def sigkill_storm(variant: str, broker: str, scale: Scale) -> Result:
         runs = s.wait_done(ids, timeout=settle_timeout(s) + duration)
         account(s, result, ids, runs)
         result.notes.append(f"{len(kills)} kills")
-        explained = killed_after_effect(s, runs, kills)
-        if explained:
-            result.notes.append(
-                f"{len(explained)} ran again: killed {max(explained) * 1000:.0f} ms or less "
-                "after the effect, before the completion was written (at least once)"
-            )
-        wh_checks(s, result, failed_ok={node for node, _ in kills}, allowed_twice=len(explained))
+        explained = note_killed_after_effect(s, result, runs, kills)
+        wh_checks(s, result, failed_ok={node for node, _ in kills}, allowed_twice=explained)
     return result
 
 
@@ -275,6 +270,19 @@ def killed_after_effect(
         if workers
     }
     return explained_doubles(effects, kills)
+
+
+def note_killed_after_effect(
+    s: Stack, result: Result, runs: dict[str, int], kills: list[tuple[str, datetime]]
+) -> int:
+    """How many double runs :func:`killed_after_effect` explains, noted on ``result``."""
+    explained = killed_after_effect(s, runs, kills)
+    if explained:
+        result.notes.append(
+            f"{len(explained)} ran again: killed {max(explained) * 1000:.0f} ms or less "
+            "after the effect, before the completion was written (at least once)"
+        )
+    return len(explained)
 
 
 def explained_doubles(
@@ -402,8 +410,12 @@ def three_detectors(variant: str, broker: str, scale: Scale) -> Result:
         ids = s.publish(scale.count(60, 120), seconds=1.0)
         time.sleep(3.0)
         s.procs["victim"].kill_group()
+        # 1 s tasks and a kill 3 s in: the kill can land between a run's effect and its
+        # completion's write (CI on 7087ecd), the storm's at-least-once window
+        kills = [(s.node("victim"), datetime.now(timezone.utc))]
         runs = s.wait_done(ids, timeout=settle_timeout(s))
         account(s, result, ids, runs)
+        explained = note_killed_after_effect(s, result, runs, kills)
         if variant == "worker_health":
             rows = s.query(
                 "SELECT task_id, count(*) FROM worker_health_event WHERE kind = 'task_reclaimed' "
@@ -415,7 +427,7 @@ def three_detectors(variant: str, broker: str, scale: Scale) -> Result:
             result.notes.append(f"{reclaimed} reclaimed, {len(rows)} reclaimed twice")
             if rows:
                 result.problems.append(f"{len(rows)} task(s) reclaimed more than once")
-        wh_checks(s, result, failed_ok={s.node("victim")})
+        wh_checks(s, result, failed_ok={s.node("victim")}, allowed_twice=explained)
     return result
 
 

@@ -1,6 +1,7 @@
-"""The chaos suite's accounting of double runs in the SIGKILL storm (chaos/scenarios.py):
-only a run whose worker was killed right after its effect, before its completion could be
-written, is the documented at-least-once case; every other double run fails the storm."""
+"""The chaos suite's accounting of double runs in the SIGKILL storm and three detectors +
+SIGKILL (chaos/scenarios.py): only a run whose worker was killed right after its effect,
+before its completion could be written, is the documented at-least-once case; every other
+double run fails the scenario."""
 
 from __future__ import annotations
 
